@@ -1,0 +1,107 @@
+"""Every config field, with its default and meaning.
+
+Experiment configs (configs/*.py) start from `get_config()` here and change what differs.
+The returned config is locked by main.py: overriding a field that does not exist
+(`--config.optim.lrr=1e-4`) fails at once and names the field.
+
+Fields whose value may legitimately be "unset" use a typed placeholder, so that they
+can still be set from the command line with the right type.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # master seed: params init, per-step noise (fold_in(step)), data order
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'digits'  # 'digits' | 'tfds:NAME' (e.g. 'tfds:cifar10') | 'folder:/path/to/images'
+  data.image_size = 16  # training resolution in pixels (square); images are resized/cropped to it
+  data.num_channels = 1  # 1 (grayscale) or 3 (RGB)
+  data.split = 'train'  # tfds split (e.g. 'train', 'train[:90%]')
+  data.image_key = 'image'  # feature holding the image, for tfds datasets
+  data.label_key = 'label'  # feature holding the class label ('' = none)
+  data.num_classes = 10  # number of classes the dataset's labels range over (0 = unlabelled)
+  data.random_flip = False  # random horizontal flips (DDPM CIFAR-10)
+  data.crop = 'none'  # 'none' | 'center' (largest center square) | 'celeba_ddim' (DDIM paper's CelebA box)
+  data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = tfds default (~/tensorflow_datasets)
+  data.num_workers = 0  # grain worker processes (0 = read in the main process)
+  data.low_res_size = 0  # >0: also yield 'low_res' images of this size (super-resolution conditioning)
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'unet'  # registry name, see models/__init__.py
+  model.ch = 64  # base channel count
+  model.ch_mult = (1, 2, 2)  # channel multiplier per resolution level
+  model.num_res_blocks = 2  # residual blocks per level (the up path has one more)
+  model.attn_resolutions = (8,)  # feature-map sizes (pixels) that get self-attention
+  model.num_heads = 1  # attention heads
+  model.dropout = 0.1  # dropout rate inside residual blocks
+  model.resamp_with_conv = True  # learned conv in down/upsampling (DDPM) vs. plain pooling/nearest
+  model.num_classes = 0  # >0: class-conditional (label embedding added to the time embedding)
+  model.cond_channels = 0  # >0: image-conditional; the condition image is concatenated on channels
+  model.dtype = 'float32'  # activation/compute dtype ('float32' or 'bfloat16'); params stay float32
+  model.remat = False  # rematerialize residual blocks in the backward pass (saves memory)
+
+  # ---------------------------------------------------------------- diffusion
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = 'linear'  # 'linear' (DDPM) | 'cosine' (Nichol & Dhariwal)
+  diffusion.num_timesteps = 1000  # T
+  diffusion.beta_start = 1e-4  # linear schedule only
+  diffusion.beta_end = 0.02  # linear schedule only
+  diffusion.cosine_s = 0.008  # cosine schedule offset s
+  diffusion.prediction = 'eps'  # what the network predicts: 'eps' | 'x0' | 'v'
+
+  # ---------------------------------------------------------------- optimizer
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = 'adam'  # 'adam' | 'adamw'
+  optim.lr = 2e-4  # peak learning rate
+  optim.warmup_steps = 5000  # linear warm-up from 0 to lr
+  optim.grad_clip = 1.0  # global grad-norm clip (0 = off)
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0  # adamw only
+
+  # ---------------------------------------------------------------- training
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global batch, split over all devices of all hosts
+  training.num_steps = 800_000  # total optimizer steps
+  training.log_every = 100  # console + metrics.jsonl + TensorBoard every N steps
+  training.checkpoint_every = 10_000  # Orbax checkpoint every N steps (and always at the end)
+  training.keep_checkpoints = 3  # how many recent checkpoints to keep
+  training.sample_every = 10_000  # write a sample grid every N steps (0 = never)
+  training.num_grid_samples = 64  # images in a training-time grid
+  training.ema_rate = 0.9999  # EMA decay of the parameters used for sampling
+  training.label_dropout = 0.1  # class-conditional only: drop labels for classifier-free guidance
+  training.steps_per_dispatch = 1  # train steps fused into one compiled call (lax.scan)
+  training.max_nonfinite_steps = 10  # stop after this many consecutive non-finite updates
+  training.eval_every = 0  # in-loop FID every N steps (0 = never)
+  training.eval_num_samples = 1000  # samples for the in-loop FID (small N biases FID upward)
+
+  # ---------------------------------------------------------------- sampling
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = 'ddpm'  # 'ddpm' | 'ddim' | 'dpm_solver_pp_2m' | 'heun'
+  sampling.num_steps = 1000  # sampler steps (ddpm with < T steps = respaced chain)
+  sampling.spacing = 'leading'  # timestep spacing: 'leading' | 'trailing'
+  sampling.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like
+  sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] at each step
+  sampling.num_samples = 64  # images to generate in --mode sample
+  sampling.batch_size = 64  # global sampling batch (split over devices)
+  sampling.seed = 0  # sampling noise seed
+  sampling.checkpoint_step = -1  # which checkpoint to restore (-1 = latest)
+  sampling.use_ema = True  # sample with EMA params (else the raw params)
+  sampling.guidance_scale = 1.0  # classifier-free guidance w: 0 = unconditional, 1 = plain conditional
+  sampling.class_label = -1  # class to generate (-1 = cycle through all classes)
+
+  # ---------------------------------------------------------------- evaluation
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 50_000  # samples for --mode eval
+  ev.batch_size = 256  # global batch for generation and Inception features
+  ev.inception_weights = ''  # converted Inception .npz ('' = default cache path)
+  ev.reference_stats = ''  # dataset statistics .npz ('' = default cache path for the dataset)
+
+  return config
