@@ -26,7 +26,7 @@ def get_config():
   data.label_key = 'label'  # feature holding the class label ('' = none)
   data.num_classes = 10  # number of classes the dataset's labels range over (0 = unlabelled)
   data.random_flip = False  # random horizontal flips (DDPM CIFAR-10)
-  data.crop = 'none'  # 'none' | 'center' (largest center square) | 'celeba_ddim' (DDIM paper's CelebA box)
+  data.crop = 'none'  # 'none' | 'center' (largest center square) | 'celeba_ddim' (DDIM paper's CelebA box) | 'celeba_140' (NCSN/score_sde central 140x140)
   data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = tfds default (~/tensorflow_datasets)
   data.num_workers = 0  # grain worker processes (0 = read in the main process)
   data.low_res_size = 0  # >0: also yield 'low_res' images of this size (super-resolution conditioning)
