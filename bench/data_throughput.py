@@ -67,7 +67,8 @@ def main(argv):
     ds.close()
   assert batch['image'].shape == (FLAGS.batch_size, 32, 32, 3), batch['image'].shape
   print(f'data throughput, CIFAR-10-shaped (32x32x3 PNG, array_record), random flips, '
-        f'batch {FLAGS.batch_size}, {os.cpu_count()} cores, num_workers={FLAGS.num_workers}: '
+        f'batch {FLAGS.batch_size}, {os.cpu_count()} cores, num_workers={FLAGS.num_workers}, '
+        f'num_threads={FLAGS.num_threads or min(16, 2 * os.cpu_count())}: '
         f'median {statistics.median(rates):.0f} examples/s '
         f'(min {min(rates):.0f}, max {max(rates):.0f}; {FLAGS.passes} passes of '
         f'{FLAGS.batches} batches)')

@@ -114,7 +114,7 @@ class FolderSource:
 
 
 def read_image(path):
-  """Decodes a PNG/JPEG file to uint8 [H, W] (gray) or [H, W, C]; None (and a warning) if it fails."""
+  """Decodes a PNG/JPEG file to uint8 [H, W] or [H, W, C]; None, with a warning, on failure."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as img:

@@ -37,7 +37,7 @@ def _keys(images):
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
-  """A real tfds array_record dataset of N_SYNTH random 32x32x3 images; returns (dir, images, labels)."""
+  """A real tfds array_record dataset of N_SYNTH random 32x32x3 images: (dir, images, labels)."""
   data_dir = str(tmp_path_factory.mktemp('synth_tfds'))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (N_SYNTH, 32, 32, 3), dtype=np.uint8)
@@ -97,7 +97,8 @@ def test_mock_cifar10_shape_dtype_range_and_flips():
     assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
     assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
     assert batch['image'].std() > 0.3  # uniform noise in [-1, 1]: std 0.58
-    assert batch['label'].dtype == np.int32 and ((0 <= batch['label']) & (batch['label'] < 10)).all()
+    assert batch['label'].dtype == np.int32
+    assert ((0 <= batch['label']) & (batch['label'] < 10)).all()
 
     # Same order without flips (augment=False, uint8): each flipped image is either the
     # original or its mirror, and over 3 epochs both happen.
@@ -156,7 +157,7 @@ def test_crop_boxes_on_a_coordinate_image():
 
 
 def test_ddim_crop_through_the_pipeline(tmp_path):
-  """A white square exactly on the DDIM box becomes an all-white 64x64 image; shifted, it does not."""
+  """A white square exactly on the DDIM box gives an all-white 64x64 image; shifted, it does not."""
   exact = np.zeros((218, 178, 3), np.uint8)
   exact[57:185, 25:153] = 255
   shifted = np.zeros_like(exact)
@@ -211,6 +212,8 @@ def test_global_batch_splits_over_processes(synth):
   config = _synth_config(synth)
   config.training.batch_size = 8
   assert next(data.get_dataset(config, process_index=1, process_count=2))['image'].shape[0] == 4
+  # Defaults from jax: one process here, so the whole global batch.
+  assert next(data.get_dataset(config))['image'].shape == (8, 32, 32, 3)
   config.training.batch_size = 10
   with pytest.raises(ValueError, match=r'config.training.batch_size=10 does not divide evenly '
                      r'over 4 processes'):
@@ -312,7 +315,8 @@ def test_folder_source_reads_pngs_and_jpegs(tmp_path):
   batch = next(data.get_dataset(config, batch_size=5, process_index=0, process_count=1,
                                 shuffle=False, uint8=True))
   assert batch['image'].shape == (5, 16, 16, 3)
-  np.testing.assert_array_equal(batch['label'], [0, 0, 0, 1, 1])  # sorted: a/0.png a/1.JPG a/2.png b/
+  # sorted: a/0.png a/1.JPG a/2.png b/0.jpeg b/1.png; label = sub-folder index
+  np.testing.assert_array_equal(batch['label'], [0, 0, 0, 1, 1])
   png = written[os.path.join('a', '0.png')]
   np.testing.assert_array_equal(
       batch['image'][0], np.asarray(Image.fromarray(png[:, 2:22]).resize((16, 16), Image.BILINEAR)))
