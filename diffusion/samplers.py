@@ -1,0 +1,409 @@
+"""Samplers for discrete-time diffusion models: one pure step function each, and one loop.
+
+Every sampler walks a descending list of training timesteps t_0 > t_1 > ... > t_{n-1} and ends at
+the clean end t = -1 (abar = 1). The network is a pure function `model_fn(x_t, t) -> model_out`
+with t int32 [B] and model_out of x_t's shape, predicting 'eps', 'x0' or 'v'.
+
+Samplers (`SAMPLERS`):
+  'ddpm'             ancestral sampling (Ho et al. 2020), respaced when num_steps < T.
+  'ddim'             DDIM(eta) (Song et al. 2021); eta = 1 is DDPM on the same steps.
+  'dpm_solver_pp_2m' DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep.
+  'heun'             EDM's second-order Heun ODE solver (Karras et al. 2022) on the model's own grid.
+
+`ddpm_step` and `ddim_step` reproduce diffusers' DDPMScheduler.step (variance_type='fixed_small')
+and DDIMScheduler.step (set_alpha_to_one=True, use_clipped_model_output=False) to float32
+rounding. To add a sampler, write a function with the signature of `_ddpm` below and name it in
+`SAMPLERS`; `sample` runs any of them in one lax.scan.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion import process
+from diffusion.schedules import Schedule
+
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+# ------------------------------------------------------------------------------------ timesteps
+
+def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading') -> np.ndarray:
+  """Descending training timesteps a sampler visits, with diffusers' `set_timesteps` semantics.
+
+  'leading' (steps_offset 0): arange(n) * (T // n), reversed; e.g. T=1000, n=50: 980, 960, ..., 0.
+  'trailing': round(T - i * T / n) - 1 for i < n; e.g. T=1000, n=50: 999, 979, ..., 19.
+  'linspace': round(linspace(0, T - 1, n)), reversed.
+
+  For 'trailing', diffusers builds the list with a float `arange(T, 0, -T/n)`, which for some n
+  (e.g. T=1000, n=61) overshoots by one element and appends a timestep -1; this function returns
+  exactly n entries, equal to diffusers' first n.
+
+  Args:
+    num_train_timesteps: T.
+    num_steps: n, 1 <= n <= T.
+    spacing: 'leading' | 'trailing' | 'linspace'.
+
+  Returns:
+    int64 [n] array, strictly descending for 'leading' and 'trailing', entries in [0, T-1].
+  """
+  big_t, n = num_train_timesteps, num_steps
+  if not 1 <= n <= big_t:
+    raise ValueError(f'num_steps must be in [1, {big_t}], got {n}')
+  if spacing == 'leading':
+    return (np.arange(n) * (big_t // n))[::-1].astype(np.int64)
+  if spacing == 'trailing':
+    # start + i * step is how numpy's arange fills, so entries match diffusers' bit for bit.
+    return np.round(big_t + np.arange(n) * (-big_t / n)).astype(np.int64) - 1
+  if spacing == 'linspace':
+    return np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
+  raise ValueError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
+
+
+# ------------------------------------------------------------------------------------ the steps
+
+def _abar(schedule: Schedule, t, x):
+  return process.alpha_bar(schedule, t, x)
+
+
+def _maybe_clip(x0, clip_x0: bool):
+  return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
+def ddpm_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t_prev, *,
+              prediction: str = 'eps', clip_x0: bool = True, noise) -> jnp.ndarray:
+  """One ancestral step x_t -> x_{t_prev} (diffusers' DDPMScheduler.step, 'fixed_small').
+
+  With abar = abar_t, abar' = abar_{t_prev} (1 at t_prev = -1) and beta = 1 - abar / abar':
+  mean = sqrt(abar') beta / (1 - abar) * x0 + sqrt(abar / abar') (1 - abar') / (1 - abar) * x_t,
+  variance = max((1 - abar') / (1 - abar) * beta, 1e-20); noise is added only where t > 0. With
+  t_prev = t - 1 this is the posterior q(x_{t-1} | x_t, x0_pred); with an earlier t_prev it is the
+  respaced chain's posterior.
+
+  Args:
+    schedule: the noise schedule.
+    x_t: current sample, [B, ...].
+    model_out: network output at (x_t, t), x_t's shape.
+    t: int, scalar or [B], in [0, T-1].
+    t_prev: int, scalar or [B], in [-1, t-1].
+    prediction: what model_out is: 'eps' | 'x0' | 'v'.
+    clip_x0: clip the predicted x0 to [-1, 1].
+    noise: N(0, I) of x_t's shape, or None for the mean alone.
+
+  Returns:
+    x_{t_prev}, x_t's shape and dtype.
+  """
+  a_t = _abar(schedule, t, x_t)
+  a_prev = _abar(schedule, t_prev, x_t)
+  b_t = 1 - a_t
+  b_prev = 1 - a_prev
+  cur_alpha = a_t / a_prev
+  cur_beta = 1 - cur_alpha
+  x0, _ = process.predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  x0 = _maybe_clip(x0, clip_x0)
+  mean = (a_prev ** 0.5 * cur_beta) / b_t * x0 + cur_alpha ** 0.5 * b_prev / b_t * x_t
+  if noise is None:
+    return mean.astype(x_t.dtype)
+  var = jnp.maximum(b_prev / b_t * cur_beta, 1e-20)
+  add = process.expand(jnp.asarray(t) > 0, x_t)
+  return jnp.where(add, mean + var ** 0.5 * noise, mean).astype(x_t.dtype)
+
+
+def ddim_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t_prev, *,
+              eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = False,
+              noise: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """One DDIM step x_t -> x_{t_prev} (diffusers' DDIMScheduler.step).
+
+  x_prev = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z, with
+  sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'), abar' = 1 at t_prev = -1. eps
+  is the one implied by the model output, not recomputed from the clipped x0.
+
+  Args:
+    schedule: the noise schedule.
+    x_t: current sample, [B, ...].
+    model_out: network output at (x_t, t), x_t's shape.
+    t: int, scalar or [B], in [0, T-1].
+    t_prev: int, scalar or [B], in [-1, t-1].
+    eta: 0 = deterministic (the probability-flow ODE's DDIM discretization); 1 = DDPM's variance.
+    prediction: what model_out is: 'eps' | 'x0' | 'v'.
+    clip_x0: clip the predicted x0 to [-1, 1].
+    noise: N(0, I) of x_t's shape; required when eta > 0.
+
+  Returns:
+    x_{t_prev}, x_t's shape and dtype.
+  """
+  if noise is None and not (isinstance(eta, (int, float)) and eta == 0):
+    raise ValueError('ddim_step needs noise when eta != 0')
+  a_t = _abar(schedule, t, x_t)
+  a_prev = _abar(schedule, t_prev, x_t)
+  b_t = 1 - a_t
+  b_prev = 1 - a_prev
+  x0, eps = process.predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  x0 = _maybe_clip(x0, clip_x0)
+  var = (b_prev / b_t) * (1 - a_t / a_prev)
+  std = eta * var ** 0.5
+  # Rounding can push 1 - abar' - sigma^2 a hair below 0 at eta = 1.
+  direction = jnp.maximum(1 - a_prev - std ** 2, 0.0) ** 0.5 * eps
+  x_prev = a_prev ** 0.5 * x0 + direction
+  if noise is not None:
+    x_prev = x_prev + std * noise
+  return x_prev.astype(x_t.dtype)
+
+
+# ------------------------------------------------------------------ samplers for the sample loop
+
+class Options(NamedTuple):
+  """Static options every sampler step receives."""
+  prediction: str = 'eps'
+  clip_x0: bool = True
+  eta: float = 0.0
+
+
+def _call(model_fn: ModelFn, x, t):
+  """Evaluates the model at a scalar timestep for the whole batch."""
+  return model_fn(x, jnp.full((x.shape[0],), t, dtype=jnp.int32))
+
+
+def _x0_of(schedule, model_fn, x, t, opts: Options):
+  x0, _ = process.predict_x0_eps(schedule, x, t, _call(model_fn, x, t), opts.prediction)
+  return _maybe_clip(x0, opts.clip_x0)
+
+
+def _edm_sigma(schedule, t, x):
+  """Karras et al.'s sigma = sqrt((1 - abar) / abar) (0 at t = -1), where x_t / sqrt(abar) = x0 + sigma eps."""
+  a = _abar(schedule, t, x)
+  return ((1 - a) / a) ** 0.5
+
+
+# Every sampler step has this signature:
+#   step(schedule, model_fn, x, t, t_prev, state, key, opts) -> (x_prev, state)
+# with t, t_prev int32 scalars (t_prev = -1 at the last step), state a pytree the sampler carries
+# between steps (initialised by the registry's init_state(x)), key a PRNG key for this step.
+
+def _ddpm(schedule, model_fn, x, t, t_prev, state, key, opts):
+  out = _call(model_fn, x, t)
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return ddpm_step(schedule, x, out, t, t_prev, prediction=opts.prediction,
+                   clip_x0=opts.clip_x0, noise=noise), state
+
+
+def _ddim(schedule, model_fn, x, t, t_prev, state, key, opts):
+  out = _call(model_fn, x, t)
+  noise = jax.random.normal(key, x.shape, x.dtype) if opts.eta != 0 else None
+  return ddim_step(schedule, x, out, t, t_prev, eta=opts.eta, prediction=opts.prediction,
+                   clip_x0=opts.clip_x0, noise=noise), state
+
+
+def _dpm_solver_pp_2m_init(x):
+  # (x0 prediction of the previous step, its timestep); -2 marks "no previous step".
+  return (jnp.zeros_like(x), jnp.asarray(-2, jnp.int32))
+
+
+def _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts):
+  """DPM-Solver++(2M), midpoint form as in diffusers: first order at the first and last step.
+
+  In log-SNR lambda = -log(sigma_edm), one step from s = t to t' = t_prev is
+  x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) (D0 + D1/2), h = lambda' - lambda, with
+  alpha = sqrt(abar), sigma = sqrt(1 - abar), D0 the current x0 prediction and
+  D1 = (D0 - D_prev) h / h_prev the finite difference with the previous step's one (0 on first
+  order steps). e^{-h} = sigma_edm' / sigma_edm stays finite when t' is the clean end.
+  """
+  del key
+  prev_x0, prev_t = state
+  x0 = _x0_of(schedule, model_fn, x, t, opts)
+  a_t, a_p = _abar(schedule, t, x), _abar(schedule, t_prev, x)
+  s_t, s_p = _edm_sigma(schedule, t, x), _edm_sigma(schedule, t_prev, x)
+  exp_neg_h = s_p / s_t
+  second = (prev_t >= 0) & (t_prev >= 0)
+  # Safe stand-ins where the second-order branch is not taken (log 0, division by 0).
+  s_p_safe = jnp.where(second, s_p, 1.0)
+  s_s1 = jnp.where(second, _edm_sigma(schedule, jnp.maximum(prev_t, 0), x), 2.0)
+  h = jnp.log(s_t) - jnp.log(s_p_safe)
+  h_prev = jnp.log(s_s1) - jnp.log(s_t)
+  d1 = jnp.where(second, (x0 - prev_x0) * (h / jnp.where(second, h_prev, 1.0)), 0.0)
+  x_next = ((1 - a_p) / (1 - a_t)) ** 0.5 * x - a_p ** 0.5 * (exp_neg_h - 1) * (x0 + 0.5 * d1)
+  return x_next.astype(x.dtype), (x0, jnp.asarray(t, jnp.int32))
+
+
+def _heun(schedule, model_fn, x, t, t_prev, state, key, opts):
+  """EDM Heun step in y = x / sqrt(abar) = x0 + sigma eps: dy/dsigma = (y - D(y, sigma)) / sigma.
+
+  The Euler predictor goes to sigma' = sigma_edm(t_prev); the trapezoidal corrector evaluates the
+  model at the grid timestep t_prev. The last step (to sigma = 0) is Euler only, as in EDM.
+  """
+  del key
+  a_t, a_p = _abar(schedule, t, x), _abar(schedule, t_prev, x)
+  s_t, s_p = _edm_sigma(schedule, t, x), _edm_sigma(schedule, t_prev, x)
+  y = x / a_t ** 0.5
+  d = (y - _x0_of(schedule, model_fn, x, t, opts)) / s_t
+  y_euler = y + (s_p - s_t) * d
+
+  def correct(_):
+    d2 = (y_euler - _x0_of(schedule, model_fn, y_euler * a_p ** 0.5, t_prev, opts)) / s_p
+    return y + (s_p - s_t) * 0.5 * (d + d2)
+
+  y_next = jax.lax.cond(jnp.asarray(t_prev) >= 0, correct, lambda _: y_euler, None)
+  return (y_next * a_p ** 0.5).astype(x.dtype), state
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A registry entry.
+
+  Attributes:
+    step: the step function (signature above).
+    init_state: x -> the state pytree carried into the first step.
+    evals_per_step: model evaluations of a step that does not end at t = -1.
+    evals_last_step: model evaluations of the step to t = -1.
+    stride_prev: t_prev = t - T // num_steps (diffusers' DDIM rule) instead of the next listed
+      timestep; the two agree for 'leading' spacing and for 'trailing' when n divides T.
+  """
+  step: Callable[..., Any]
+  init_state: Callable[[jnp.ndarray], Any] = lambda x: ()
+  evals_per_step: int = 1
+  evals_last_step: int = 1
+  stride_prev: bool = False
+
+
+SAMPLERS: dict[str, Sampler] = {
+    'ddpm': Sampler(_ddpm),
+    'ddim': Sampler(_ddim, stride_prev=True),
+    'dpm_solver_pp_2m': Sampler(_dpm_solver_pp_2m, init_state=_dpm_solver_pp_2m_init),
+    'heun': Sampler(_heun, evals_per_step=2, evals_last_step=1),
+}
+
+
+def _get(sampler: str) -> Sampler:
+  if sampler not in SAMPLERS:
+    raise ValueError(f'unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}')
+  return SAMPLERS[sampler]
+
+
+def _steps_run(num_steps: int, strength: Optional[float]) -> int:
+  """Steps SDEdit runs at a strength, as diffusers' img2img: int(n * strength)."""
+  if strength is None:
+    return num_steps
+  if not 0.0 <= strength <= 1.0:
+    raise ValueError(f'strength must be in [0, 1], got {strength}')
+  return min(int(num_steps * strength), num_steps)
+
+
+def schedule_steps(sampler: str, num_train_timesteps: int, num_steps: int,
+                   spacing: str = 'leading', strength: Optional[float] = None):
+  """The (t, t_prev) pairs `sample` runs, as two int32 numpy arrays [k] (k = steps run)."""
+  ts = timesteps(num_train_timesteps, num_steps, spacing)
+  if _get(sampler).stride_prev:
+    prev = np.maximum(ts - num_train_timesteps // num_steps, -1)
+  else:
+    prev = np.append(ts[1:], -1)
+  k = _steps_run(num_steps, strength)
+  return ts[num_steps - k:].astype(np.int32), prev[num_steps - k:].astype(np.int32)
+
+
+def num_model_evals(sampler: str, num_steps: int, *, strength: Optional[float] = None,
+                    resample: int = 1) -> int:
+  """Model evaluations of one `sample` call (per example batch).
+
+  Args:
+    sampler: registry name.
+    num_steps: sampler steps n.
+    strength: SDEdit strength (None = full chain).
+    resample: RePaint repetitions per step.
+
+  Returns:
+    The count; e.g. 'ddpm'/'ddim'/'dpm_solver_pp_2m': n, 'heun': 2n - 1.
+  """
+  s = _get(sampler)
+  k = _steps_run(num_steps, strength)
+  if k == 0:
+    return 0
+  return resample * ((k - 1) * s.evals_per_step + s.evals_last_step)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.Array, *,
+           sampler: str = 'ddpm', num_steps: int = 1000, spacing: str = 'leading',
+           eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
+           strength: Optional[float] = None,
+           inpaint: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None,
+           resample: int = 1) -> jnp.ndarray:
+  """Generates samples with the named sampler in one lax.scan over its steps.
+
+  All keyword arguments are static (Python values); wrap in jax.jit with model_fn closed over (or
+  partial'ed) to compile once per sampler and step count. The timestep lists are numpy constants.
+
+  Args:
+    schedule: the training noise schedule (T = schedule.num_timesteps).
+    model_fn: (x_t [B, ...], t int32 [B]) -> model output of x_t's shape.
+    x_init: [B, ...]: N(0, I) noise (x_T); with `strength`, the clean input image in [-1, 1].
+    rng: PRNG key for the sampler's noise.
+    sampler: name in SAMPLERS.
+    num_steps: n sampler steps over the T training steps ('ddpm' with n < T is respaced).
+    spacing: timestep spacing, see `timesteps`.
+    eta: DDIM stochasticity (ddim only).
+    prediction: what model_fn predicts: 'eps' | 'x0' | 'v'.
+    clip_x0: clip each predicted x0 to [-1, 1].
+    strength: SDEdit (img2img): in [0, 1]; run the last int(n * strength) steps starting from
+      x_init noised by q_sample to the first of them. 0 returns x_init unchanged.
+    inpaint: (known [B, ...], mask of x's shape or broadcastable, 1 = known). After every step the
+      known region is replaced by q_sample(known, t_prev) (by `known` itself at the end), so the
+      returned sample equals `known` exactly where mask = 1.
+    resample: RePaint resampling: every step is repeated `resample` times, jumping back from
+      t_prev to t with q(x_t | x_{t_prev}) between repetitions.
+
+  Returns:
+    x0 samples, x_init's shape and dtype.
+  """
+  spec = _get(sampler)
+  opts = Options(prediction=prediction, clip_x0=clip_x0, eta=eta)
+  big_t = schedule.num_timesteps
+  ts, ts_prev = schedule_steps(sampler, big_t, num_steps, spacing, strength)
+  if len(ts) == 0:
+    return x_init
+  if resample < 1:
+    raise ValueError(f'resample must be >= 1, got {resample}')
+  init_key, loop_key = jax.random.split(rng)
+  x = x_init
+  if strength is not None:
+    x = process.q_sample(schedule, x_init, int(ts[0]),
+                         jax.random.normal(init_key, x_init.shape, x_init.dtype))
+  if inpaint is not None:
+    known, mask = inpaint
+    mask = jnp.asarray(mask, x.dtype)
+
+  def one_step(x, t, t_prev, state, key):
+    step_key, known_key = jax.random.split(key)
+    x_prev, state = spec.step(schedule, model_fn, x, t, t_prev, state, step_key, opts)
+    if inpaint is not None:
+      noisy_known = process.q_sample(schedule, known, t_prev,
+                                     jax.random.normal(known_key, known.shape, known.dtype))
+      x_prev = mask * noisy_known + (1 - mask) * x_prev
+    return x_prev.astype(x.dtype), state
+
+  def body(carry, step_in):
+    x, state = carry
+    i, t, t_prev = step_in
+    key = jax.random.fold_in(loop_key, i)
+    if resample == 1:
+      return one_step(x, t, t_prev, state, key), None
+    a_ratio = _abar(schedule, t, x) / _abar(schedule, t_prev, x)
+
+    def repeat(j, c):
+      x_in, _, _ = c
+      k_step, k_back = jax.random.split(jax.random.fold_in(key, j))
+      x_out, state_out = one_step(x_in, t, t_prev, state, k_step)
+      # Jump back to t with q(x_t | x_{t_prev}) for the next repetition (unused after the last).
+      back = (a_ratio ** 0.5 * x_out +
+              (1 - a_ratio) ** 0.5 * jax.random.normal(k_back, x.shape, x.dtype))
+      return back.astype(x.dtype), x_out, state_out
+
+    _, x_out, state_out = jax.lax.fori_loop(0, resample, repeat, (x, x, state))
+    return (x_out, state_out), None
+
+  steps_in = (np.arange(len(ts), dtype=np.int32), ts, ts_prev)
+  (x, _), _ = jax.lax.scan(body, (x, spec.init_state(x)), steps_in)
+  return x
