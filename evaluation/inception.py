@@ -28,6 +28,7 @@ INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3
 
+
 class ConvBN(nn.Module):
   """Conv (no bias) -> batch norm (no gamma, eps 1e-3, frozen statistics) -> ReLU.
 
