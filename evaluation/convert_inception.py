@@ -37,7 +37,7 @@ _STORAGE_DTYPES = {
 
 
 def default_cache_path():
-  """Where the converted weights live: $DIFFUSION_CACHE/inception_fid.npz, else ~/.cache/diffusion_jax/."""
+  """Converted weights: $DIFFUSION_CACHE/inception_fid.npz, else ~/.cache/diffusion_jax/."""
   root = os.environ.get('DIFFUSION_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'diffusion_jax')
   return os.path.join(root, _CACHE_NAME)

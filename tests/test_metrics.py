@@ -146,8 +146,8 @@ def test_kid_is_unbiased_for_population_mmd_closed_form():
   for _ in range(count):
     xs = x[sub.choice(len(x), m, replace=False), None]
     ys = y[sub.choice(len(y), m, replace=False), None]
-    biased.append(metrics.polynomial_kernel(xs, xs).mean() + metrics.polynomial_kernel(ys, ys).mean()
-                  - 2 * metrics.polynomial_kernel(xs, ys).mean())
+    k = metrics.polynomial_kernel
+    biased.append(k(xs, xs).mean() + k(ys, ys).mean() - 2 * k(xs, ys).mean())
   assert np.mean(biased) - pool > 4 * stderr
 
 
@@ -189,8 +189,9 @@ def test_rechunk_keeps_every_example_in_order():
   got = np.concatenate([c[:r] for c, r in chunks])
   np.testing.assert_array_equal(got, np.concatenate(batches))
   assert not chunks[-1][0][1:].any()  # the padding is zeros, and dropped by the real count
+  floats = [np.zeros((2, 2, 2, 3), np.float32)]
   with pytest.raises(TypeError, match='uint8'):
-    list(fid_lib._rechunk([np.zeros((2, 2, 2, 3), np.float32)], 4))  # pylint: disable=protected-access
+    list(fid_lib._rechunk(floats, 4))  # pylint: disable=protected-access
 
 
 def test_save_load_stats_roundtrip(tmp_path):
