@@ -56,8 +56,8 @@ def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading'
   if spacing == 'leading':
     return (np.arange(n) * (big_t // n))[::-1].astype(np.int64)
   if spacing == 'trailing':
-    # start + i * step is how numpy's arange fills, so entries match diffusers' bit for bit.
-    return np.round(big_t + np.arange(n) * (-big_t / n)).astype(np.int64) - 1
+    # The same float arange as diffusers (its rounding decides ties), cut to n entries.
+    return np.round(np.arange(big_t, 0, -big_t / n)[:n]).astype(np.int64) - 1
   if spacing == 'linspace':
     return np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
   raise ValueError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
