@@ -1,6 +1,6 @@
-"""Training loss (DDPM's simple loss with eps / x0 / v targets) and the variational bound in bits/dim.
+"""Training loss (DDPM's simple loss, eps / x0 / v targets) and the variational bound in bits/dim.
 
-`model_fn(x_t, t) -> model_out` is a pure function: x_t [B, ...], t int32 [B], output of x_t's shape.
+`model_fn(x_t, t) -> model_out` is a pure function: x_t [B, ...], t int32 [B], output x_t's shape.
 """
 
 import math
@@ -72,7 +72,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 def _log_diff_ndtr(lo, hi):
   """log(Phi(hi) - Phi(lo)) for lo < hi, accurate in both tails."""
-  # In the upper tail Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi), which stays in the accurate lower tail.
+  # In the upper tail use Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): the accurate lower tail.
   upper = lo > 0
   a = jnp.where(upper, -hi, lo)
   b = jnp.where(upper, -lo, hi)

@@ -8,7 +8,7 @@ Samplers (`SAMPLERS`):
   'ddpm'             ancestral sampling (Ho et al. 2020), respaced when num_steps < T.
   'ddim'             DDIM(eta) (Song et al. 2021); eta = 1 is DDPM on the same steps.
   'dpm_solver_pp_2m' DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep.
-  'heun'             EDM's second-order Heun ODE solver (Karras et al. 2022) on the model's own grid.
+  'heun'             EDM's second-order Heun ODE solver (Karras et al. 2022) on the model's grid.
 
 `ddpm_step` and `ddim_step` reproduce diffusers' DDPMScheduler.step (variance_type='fixed_small')
 and DDIMScheduler.step (set_alpha_to_one=True, use_clipped_model_output=False) to float32
@@ -173,7 +173,10 @@ def _x0_of(schedule, model_fn, x, t, opts: Options):
 
 
 def _edm_sigma(schedule, t, x):
-  """Karras et al.'s sigma = sqrt((1 - abar) / abar) (0 at t = -1), where x_t / sqrt(abar) = x0 + sigma eps."""
+  """Karras et al.'s sigma = sqrt((1 - abar) / abar), 0 at t = -1.
+
+  x_t / sqrt(abar) = x0 + sigma eps.
+  """
   a = _abar(schedule, t, x)
   return ((1 - a) / a) ** 0.5
 

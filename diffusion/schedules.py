@@ -45,7 +45,8 @@ class Schedule:
     return self.betas.shape[0]
 
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4,
+                 beta_end: float = 0.02) -> np.ndarray:
   """DDPM's linear schedule: betas evenly spaced from beta_start to beta_end. float64 [T]."""
   return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
@@ -53,8 +54,9 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
   """Nichol & Dhariwal (2021) cosine schedule, float64 [T].
 
-  abar(u) = cos^2((u + s) / (1 + s) * pi / 2) for u in [0, 1]; beta_t = 1 - abar((t+1)/T) / abar(t/T),
-  clipped at max_beta so that the last steps do not destroy the signal in one jump (beta = 1).
+  With abar(u) = cos^2((u + s) / (1 + s) * pi / 2) for u in [0, 1], beta_t =
+  1 - abar((t+1)/T) / abar(t/T), clipped at max_beta so that the last step does not destroy the
+  signal in one jump (beta = 1).
   """
   u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
   f = np.cos((u + s) / (1 + s) * math.pi / 2) ** 2

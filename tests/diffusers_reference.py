@@ -85,7 +85,8 @@ class _Base:
     if self.prediction_type == 'sample':
       return out, (sample - a ** F32(0.5) * out) / b ** F32(0.5)
     if self.prediction_type == 'v_prediction':
-      return a ** F32(0.5) * sample - b ** F32(0.5) * out, a ** F32(0.5) * out + b ** F32(0.5) * sample
+      sa, sb = a ** F32(0.5), b ** F32(0.5)
+      return sa * sample - sb * out, sa * out + sb * sample
     raise ValueError(self.prediction_type)
 
 

@@ -75,7 +75,8 @@ def test_velocity_identities(x64):
   np.testing.assert_allclose(np.asarray(np.sqrt(a) * x_t - np.sqrt(1 - a) * v), x0, atol=1e-12)
   np.testing.assert_allclose(np.asarray(np.sqrt(a) * v + np.sqrt(1 - a) * x_t), eps, atol=1e-12)
   # ||x_t||^2 + ||v||^2 = ||x0||^2 + ||eps||^2 elementwise pairs.
-  np.testing.assert_allclose(np.asarray(x_t ** 2 + v ** 2), np.asarray(x0 ** 2 + eps ** 2), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(x_t ** 2 + v ** 2), np.asarray(x0 ** 2 + eps ** 2),
+                             rtol=1e-12)
 
 
 def test_q_sample_statistics():
@@ -119,9 +120,10 @@ def test_matches_diffusers(name, diffusers_name):
   x0, eps = map(lambda a: np.asarray(a, np.float32), _data((4, 3, 5), seed=3))
   t = np.array([0, 1, 500, 999])
   r = ref.DDPM(beta_schedule=diffusers_name)
-  np.testing.assert_allclose(np.asarray(process.q_sample(s, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(eps))),
+  jx0, jeps, jt = jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t)
+  np.testing.assert_allclose(np.asarray(process.q_sample(s, jx0, jt, jeps)),
                              r.add_noise(x0, eps, t), rtol=1e-5, atol=2e-6)
-  np.testing.assert_allclose(np.asarray(process.velocity(s, jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t))),
+  np.testing.assert_allclose(np.asarray(process.velocity(s, jx0, jeps, jt)),
                              r.get_velocity(x0, eps, t), rtol=1e-5, atol=2e-6)
   # With the same alphas_cumprod, the step's mean is the posterior mean of a perfect x0 model.
   r = ref.DDPM(beta_schedule=diffusers_name, prediction_type='sample', clip_sample=False,

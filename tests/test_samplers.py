@@ -57,7 +57,8 @@ def fake_model(x, t):
 
 
 def fake_model_np(x, t):
-  return (0.8 * np.tanh(x) + 0.3 * np.sin(3 * x + np.float32(t) / np.float32(100.0))).astype(np.float32)
+  out = 0.8 * np.tanh(x) + 0.3 * np.sin(3 * x + np.float32(t) / np.float32(100.0))
+  return out.astype(np.float32)
 
 
 def assert_f32_close(got, want, rel=1e-5):
@@ -131,7 +132,8 @@ def test_ddpm_step_matches_diffusers(sched, prediction, clip):
   rng = np.random.default_rng(0)
   for spacing, n in CHAINS:
     r = ref.DDPM(beta_schedule=SCHED_NAMES[sched], prediction_type=PRED_NAMES[prediction],
-                 clip_sample=clip, timestep_spacing=spacing, alphas_cumprod=np.asarray(s.alphas_cumprod))
+                 clip_sample=clip, timestep_spacing=spacing,
+                 alphas_cumprod=np.asarray(s.alphas_cumprod))
     if n < T:
       r.set_timesteps(n)
     ts = _pick(samplers.timesteps(T, n, spacing))
@@ -143,7 +145,8 @@ def test_ddpm_step_matches_diffusers(sched, prediction, clip):
     out = rng.standard_normal(shape).astype(np.float32)
     z = rng.standard_normal(shape).astype(np.float32)
     # One call with per-example t and t_prev arrays [B].
-    got = samplers.ddpm_step(s, jnp.asarray(x), jnp.asarray(out), jnp.asarray(ts), jnp.asarray(prev),
+    got = samplers.ddpm_step(s, jnp.asarray(x), jnp.asarray(out), jnp.asarray(ts),
+                             jnp.asarray(prev),
                              prediction=prediction, clip_x0=clip, noise=jnp.asarray(z))
     want = np.stack([r.step(out[i], int(t), x[i], z[i]) for i, t in enumerate(ts)])
     assert_f32_close(got, want)
@@ -205,14 +208,17 @@ def test_per_example_timesteps_and_clean_end():
   t, prev = np.array([999, 500, 10, 0]), np.array([998, 480, -1, -1])
   batched = samplers.ddpm_step(s, x, out, jnp.asarray(t), jnp.asarray(prev), noise=z)
   for i in range(4):
-    single = samplers.ddpm_step(s, x[i:i + 1], out[i:i + 1], int(t[i]), int(prev[i]), noise=z[i:i + 1])
+    single = samplers.ddpm_step(s, x[i:i + 1], out[i:i + 1], int(t[i]), int(prev[i]),
+                                noise=z[i:i + 1])
     np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single[0]), rtol=1e-6)
   # No noise at t = 0, however large it is.
   at0 = samplers.ddpm_step(s, x, out, 0, -1, noise=1e6 * z)
-  np.testing.assert_array_equal(np.asarray(at0), np.asarray(samplers.ddpm_step(s, x, out, 0, -1, noise=None)))
+  mean_only = samplers.ddpm_step(s, x, out, 0, -1, noise=None)
+  np.testing.assert_array_equal(np.asarray(at0), np.asarray(mean_only))
   # DDIM to the clean end (abar = 1) lands on the predicted x0.
   x0, _ = process.predict_x0_eps(s, x, 10, out, 'eps')
-  np.testing.assert_allclose(np.asarray(samplers.ddim_step(s, x, out, 10, -1)), np.asarray(x0), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(samplers.ddim_step(s, x, out, 10, -1)), np.asarray(x0),
+                             rtol=1e-6)
   with pytest.raises(ValueError, match='noise'):
     samplers.ddim_step(s, x, out, 10, 5, eta=0.5)
 

@@ -94,7 +94,7 @@ def test_unknown_schedule_raises():
 @pytest.mark.parametrize('name,diffusers_name', [('linear', 'linear'),
                                                  ('cosine', 'squaredcos_cap_v2')])
 def test_matches_diffusers(name, diffusers_name):
-  """diffusers keeps float32 betas; our float64-then-rounded schedule agrees to a few float32 ulps."""
+  """diffusers keeps float32 betas; our float64-then-rounded schedule agrees to a few ulps."""
   s = schedules.get_schedule(name, 1000)
   r = ref.DDPM(beta_schedule=diffusers_name)
   # torch.linspace is off by 1 ulp in some entries; the cosine betas are rounded alike.
