@@ -32,7 +32,7 @@ CROPS = ('none', 'center', 'celeba_ddim')
 RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.checkpoint_every',
                      'training.sample_every', 'training.eval_every', 'training.eval_num_samples',
                      'training.keep_checkpoints', 'training.max_nonfinite_steps',
-                     'training.num_grid_samples', 'data.num_workers', 'data.data_dir')
+                     'training.num_grid_samples', 'data.data_dir')
 RESUMABLE_GROUPS = ('sampling.', 'eval.')
 
 

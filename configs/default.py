@@ -103,5 +103,6 @@ def get_config():
   ev.batch_size = 256  # global batch for generation and Inception features
   ev.inception_weights = ''  # converted Inception .npz ('' = default cache path)
   ev.reference_stats = ''  # dataset statistics .npz ('' = default cache path for the dataset)
+  ev.bpd_num_examples = 0  # >0: also report DDPM's bound in bits/dim on this many examples
 
   return config

@@ -1,0 +1,116 @@
+"""The train step and loop: sharding invariance, exact resumption, non-finite guards, logs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import numpy as np
+import pytest
+
+import models
+import train_lib
+from tests.tiny import tiny_config
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  s, b = config.data.image_size, config.training.batch_size
+  return {'image': rng.uniform(-1, 1, (b, s, s, 1)).astype(np.float32),
+          'label': rng.integers(0, 10, (b,)).astype(np.int32)}
+
+
+def _one_step(config, devices):
+  mesh = Mesh(np.asarray(devices), ('data',))
+  model = models.create_model(config)
+  tx = train_lib.make_optimizer(config)
+  step_fn, sharding = train_lib.compile_train_step(config, model, train_lib.get_schedule(config),
+                                                   tx, mesh)
+  state = train_lib.create_state(config, model, tx, mesh)
+  for i in range(2):
+    state, metrics = step_fn(state, train_lib.global_batch(_batch(config, i), sharding))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_train_step_same_on_1_and_8_devices():
+  assert jax.device_count() == 8
+  config = tiny_config()
+  s1, m1 = _one_step(config, jax.devices()[:1])
+  s8, m8 = _one_step(config, jax.devices())
+  np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)
+  assert int(s1.step) == int(s8.step) == 2
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The step moved the params (else the comparison above proves nothing).
+  s0 = train_lib.init_state(config, models.create_model(config), train_lib.make_optimizer(config))
+  moved = max(float(jnp.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)))
+  assert moved > 1e-4
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  config = tiny_config()
+  mesh = train_lib.make_mesh()
+  model = models.create_model(config)
+  tx = train_lib.make_optimizer(config)
+  step_fn, sharding = train_lib.compile_train_step(config, model, train_lib.get_schedule(config),
+                                                   tx, mesh)
+  state = train_lib.create_state(config, model, tx, mesh)
+  state, _ = step_fn(state, train_lib.global_batch(_batch(config, 0), sharding))
+  before = jax.device_get(state)
+  bad = _batch(config, 1)
+  bad['image'][0, 0, 0, 0] = np.nan
+  state, metrics = step_fn(state, train_lib.global_batch(bad, sharding))
+  after = jax.device_get(state)
+  assert float(metrics['nonfinite']) == 1.0
+  assert int(after.nonfinite_total) == 1 and int(after.nonfinite_streak) == 1
+  assert int(after.step) == int(before.step) + 1
+  for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.ema_params, after.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  state, _ = step_fn(state, train_lib.global_batch(_batch(config, 2), sharding))
+  assert int(jax.device_get(state).nonfinite_streak) == 0
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get((state.params, state.ema_params,
+                                                                  state.opt_state)))]
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
+  config = tiny_config(**{'training.num_steps': 6, 'training.checkpoint_every': 2})
+  full = train_lib.train(config, str(tmp_path / 'full'))
+  train_lib.train(config, str(tmp_path / 'split'), stop_after=3)
+  assert sorted(os.listdir(tmp_path / 'split' / 'checkpoints'))[-1] == '3'
+  resumed = train_lib.train(config, str(tmp_path / 'split'))
+  assert int(resumed.step) == int(full.step) == 6
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  records = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
+  assert [r['step'] for r in records] == [2, 4, 6]
+  assert all(np.isfinite(r['loss']) and r['steps_per_sec'] > 0 for r in records)
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'full'))
+
+
+@pytest.mark.slow
+def test_steps_per_dispatch_matches_single_steps(tmp_path):
+  config = tiny_config(**{'training.num_steps': 4})
+  one = train_lib.train(config, str(tmp_path / 'one'))
+  fused = train_lib.train(tiny_config(**{'training.num_steps': 4,
+                                         'training.steps_per_dispatch': 2}),
+                          str(tmp_path / 'two'))
+  for a, b in zip(_params(one), _params(fused)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_workdir_with_other_config_is_refused(tmp_path):
+  import config_lib
+  train_lib.train(tiny_config(**{'training.num_steps': 2}), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match='optim.lr'):
+    train_lib.train(tiny_config(**{'training.num_steps': 4, 'optim.lr': 5e-4}), str(tmp_path))
+  # Extending the run is not another run.
+  state = train_lib.train(tiny_config(**{'training.num_steps': 4}), str(tmp_path))
+  assert int(state.step) == 4
