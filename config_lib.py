@@ -26,7 +26,7 @@ SPACINGS = ('leading', 'trailing')
 OPTIMIZERS = ('adam', 'adamw')
 MODELS = ('unet',)
 DTYPES = ('float32', 'bfloat16')
-CROPS = ('none', 'center', 'celeba_ddim')
+CROPS = ('none', 'center', 'celeba_ddim', 'celeba_140')
 
 # Fields that may change between a run and its resumption without it being another run.
 RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.checkpoint_every',
@@ -88,6 +88,29 @@ def _positive_int(config, field):
          f'must be a positive integer, got {value!r}')
 
 
+def _is_int(value):
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_at_least(config, field, low):
+  value = _get(config, field)
+  _check(_is_int(value) and value >= low, field, f'must be an integer >= {low}, got {value!r}')
+
+
+def _number_in(config, field, low, high, *, low_open=False, high_open=True):
+  """A real number in the interval [low, high) (or open/closed as asked); None = unbounded."""
+  value = _get(config, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  left = '(' if low_open else '['
+  right = ')' if high_open else ']'
+  interval = f'{left}{"-inf" if low is None else low}, {"inf" if high is None else high}{right}'
+  _check(ok, field, f'must be a number in {interval}, got {value!r}')
+
+
 def _get(config, path):
   node = config
   for part in path.split('.'):
@@ -99,6 +122,7 @@ def validate(config, *, num_devices=1, process_count=1):
   """Checks types, ranges and combinations; raises ConfigError naming the field."""
   d, m, df, o, tr, s = (config.data, config.model, config.diffusion, config.optim,
                         config.training, config.sampling)
+  _check(_is_int(config.seed), 'seed', f'must be an integer, got {config.seed!r}')
   ds = d.dataset
   _check(ds == 'digits' or (isinstance(ds, str) and (ds.startswith('tfds:') and len(ds) > 5
                                                      or ds.startswith('folder:') and len(ds) > 7)),
@@ -109,6 +133,19 @@ def validate(config, *, num_devices=1, process_count=1):
             'training.max_nonfinite_steps', 'sampling.num_steps', 'sampling.num_samples',
             'sampling.batch_size', 'model.num_heads'):
     _positive_int(config, f)
+  for f in ('data.num_workers', 'data.low_res_size', 'model.cond_channels',
+            'optim.warmup_steps', 'training.sample_every', 'training.eval_every',
+            'eval.bpd_num_examples'):
+    _int_at_least(config, f, 0)
+  for f in ('training.num_grid_samples', 'training.eval_num_samples', 'eval.num_samples',
+            'eval.batch_size'):
+    _positive_int(config, f)
+  _int_at_least(config, 'sampling.checkpoint_step', -1)
+  _check(_is_int(s.seed), 'sampling.seed', f'must be an integer, got {s.seed!r}')
+  if ds.startswith('folder:'):
+    _check(os.path.isdir(ds[7:]), 'data.dataset', f'{ds[7:]!r} is not a directory')
+  _check(isinstance(d.split, str) and d.split != '', 'data.split',
+         f'must be a non-empty split name, got {d.split!r}')
   _check(d.num_channels in (1, 3), 'data.num_channels', f'must be 1 or 3, got {d.num_channels!r}')
   _check(d.crop in CROPS, 'data.crop', f'unknown crop {d.crop!r}; one of {CROPS}')
   _check(m.name in MODELS, 'model.name', f'unknown model {m.name!r}; one of {MODELS}')
@@ -123,9 +160,21 @@ def validate(config, *, num_devices=1, process_count=1):
   for r in m.attn_resolutions:
     _check(r in reached, 'model.attn_resolutions',
            f'resolution {r} is never reached by the model (feature-map sizes: {reached})')
-  _check(0.0 <= m.dropout < 1.0, 'model.dropout', f'must be in [0, 1), got {m.dropout}')
+  for level, r in enumerate(reached):
+    c = m.ch * m.ch_mult[level]
+    _check(r not in m.attn_resolutions or c % m.num_heads == 0, 'model.num_heads',
+           f'{m.num_heads} heads do not divide the {c} channels at attention resolution {r}')
+  _check(d.low_res_size < d.image_size, 'data.low_res_size',
+         f'{d.low_res_size} must be smaller than data.image_size = {d.image_size} (0 = off)')
+  _check(m.cond_channels == 0 or d.low_res_size > 0, 'model.cond_channels',
+         f'an image-conditional model ({m.cond_channels} channels) needs data.low_res_size > 0')
+  _check(m.cond_channels == 0 or m.cond_channels == d.num_channels, 'model.cond_channels',
+         f'{m.cond_channels} differs from data.num_channels = {d.num_channels} (the condition '
+         'is the low-resolution image)')
+  _number_in(config, 'model.dropout', 0.0, 1.0)
   _check(m.dtype in DTYPES, 'model.dtype', f'unknown dtype {m.dtype!r}; one of {DTYPES}')
-  _check(m.num_classes >= 0, 'model.num_classes', 'must be >= 0 (0 = unconditional)')
+  _int_at_least(config, 'model.num_classes', 0)
+  _int_at_least(config, 'data.num_classes', 0)
   if m.num_classes > 0:
     _check(d.num_classes == m.num_classes, 'model.num_classes',
            f'{m.num_classes} differs from config.data.num_classes = {d.num_classes}')
@@ -135,16 +184,21 @@ def validate(config, *, num_devices=1, process_count=1):
          f'unknown schedule {df.schedule!r}; one of {SCHEDULES}')
   _check(df.prediction in PREDICTIONS, 'diffusion.prediction',
          f'unknown prediction {df.prediction!r}; one of {PREDICTIONS}')
+  _number_in(config, 'diffusion.beta_start', 0.0, 1.0, low_open=True)
+  _number_in(config, 'diffusion.beta_end', 0.0, 1.0, low_open=True)
+  _number_in(config, 'diffusion.cosine_s', 0.0, None, low_open=True)
   _check(0 < df.beta_start < df.beta_end < 1, 'diffusion.beta_start',
          f'need 0 < beta_start < beta_end < 1, got {df.beta_start}, {df.beta_end}')
   _check(o.optimizer in OPTIMIZERS, 'optim.optimizer',
          f'unknown optimizer {o.optimizer!r}; one of {OPTIMIZERS}')
-  _check(o.lr > 0, 'optim.lr', f'must be > 0, got {o.lr}')
-  _check(o.warmup_steps >= 0, 'optim.warmup_steps', f'must be >= 0, got {o.warmup_steps}')
-  _check(o.grad_clip >= 0, 'optim.grad_clip', f'must be >= 0 (0 = off), got {o.grad_clip}')
-  _check(0.0 <= tr.ema_rate < 1.0, 'training.ema_rate', f'must be in [0, 1), got {tr.ema_rate}')
-  _check(0.0 <= tr.label_dropout < 1.0, 'training.label_dropout',
-         f'must be in [0, 1), got {tr.label_dropout}')
+  _number_in(config, 'optim.lr', 0.0, None, low_open=True)
+  _number_in(config, 'optim.grad_clip', 0.0, None)
+  _number_in(config, 'optim.b1', 0.0, 1.0)
+  _number_in(config, 'optim.b2', 0.0, 1.0)
+  _number_in(config, 'optim.eps', 0.0, None, low_open=True)
+  _number_in(config, 'optim.weight_decay', 0.0, None)
+  _number_in(config, 'training.ema_rate', 0.0, 1.0)
+  _number_in(config, 'training.label_dropout', 0.0, 1.0)
   _check(tr.batch_size % num_devices == 0, 'training.batch_size',
          f'{tr.batch_size} does not divide over {num_devices} devices; use a multiple of '
          f'{num_devices}')
@@ -159,8 +213,13 @@ def validate(config, *, num_devices=1, process_count=1):
          f'unknown spacing {s.spacing!r}; one of {SPACINGS}')
   _check(s.num_steps <= df.num_timesteps, 'sampling.num_steps',
          f'{s.num_steps} exceeds diffusion.num_timesteps = {df.num_timesteps}')
-  _check(s.eta >= 0, 'sampling.eta', f'must be >= 0, got {s.eta}')
-  _check(s.guidance_scale >= 0, 'sampling.guidance_scale', f'must be >= 0, got {s.guidance_scale}')
+  _number_in(config, 'sampling.eta', 0.0, None)
+  _number_in(config, 'sampling.guidance_scale', 0.0, None)
+  _check(s.guidance_scale == 1.0 or m.num_classes > 0, 'sampling.guidance_scale',
+         f'{s.guidance_scale} needs a class-conditional model (model.num_classes > 0)')
+  _check(_is_int(s.class_label) and -1 <= s.class_label < max(m.num_classes, 1),
+         'sampling.class_label', f'{s.class_label!r} is not -1 (all) or a class in '
+         f'[0, {m.num_classes})')
 
 
 def to_dict(config):

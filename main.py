@@ -8,7 +8,45 @@ Modes:
   prepare     download and prepare a tfds dataset (needs internet and TensorFlow)
 
 Any config field can be overridden: --config.optim.lr=1e-4. A mistyped field, a bad value or a
-combination that cannot work stops the launch at once with a one-line reason.
+combination that cannot work stops the launch at once, before jax is imported or anything is
+compiled, with a one-line `error: config.FIELD: ...` on stderr and exit status 2.
+
+Preemption and restarts. Rerunning the same command resumes from the newest checkpoint that
+restores (a damaged one is skipped with a warning), bit for bit as if never interrupted on the
+same device count; another device count also resumes. SIGTERM or SIGINT: the current step
+finishes, a checkpoint is written at it, and the program exits with status 0. A workdir that
+holds a run with another config is refused (the differing fields are listed) unless
+--allow_config_change. To make restarts cheap, keep compiled programs across them:
+  export JAX_COMPILATION_CACHE_DIR=$HOME/.cache/jax JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+
+Multi-host. jax.distributed.initialize() runs when --multihost is given, or when the
+environment is a multi-task SLURM job (SLURM_NTASKS > 1) or sets JAX_COORDINATOR_ADDRESS (then
+also JAX_NUM_PROCESSES and JAX_PROCESS_ID, unless a cluster jax detects provides them).
+Every process runs the same command; each reads its own shard of the data; process 0 alone
+writes config.json, metrics.jsonl, TensorBoard files and images; all processes write the
+(shared) Orbax checkpoints together, so the workdir must be on a file system every host sees
+(NFS, Lustre, or gs://...). Other processes log warnings only.
+
+  SLURM, 2 nodes x 8 GPUs (one process per GPU; jax reads the SLURM variables):
+    srun --nodes=2 --ntasks-per-node=8 --gpus-per-task=1 --kill-on-bad-exit=1 \
+      python main.py --config configs/cifar10_ddpm.py --workdir /shared/runs/cifar10
+    (or one process per node with --ntasks-per-node=1 --gpus-per-node=8; add
+    `#SBATCH --signal=TERM@120` so that SLURM sends SIGTERM two minutes before the end)
+
+  Cloud TPU pod slice (e.g. v4-32), the same command on every worker:
+    gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
+      "cd repo && python main.py --config configs/cifar10_ddpm.py \
+       --workdir gs://BUCKET/runs/cifar10 --multihost"
+
+  Any other launcher (here two processes on one machine, 2 CPU devices each, as tested):
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$I \
+    JAX_NUM_CPU_DEVICES=2 JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo \
+      python main.py --config configs/digits.py --workdir runs/mh        # for I in 0 1
+
+The global batch is the concatenation of the processes' batches (process 0's rows first).
+Each process shuffles its own shard of the data, so a P-process run sees other batches than
+a one-process run; given the same global batches it computes the same steps
+(tests/test_multihost.py).
 """
 
 import os
@@ -70,17 +108,32 @@ def parse_flags(argv):
   except config_lib.ConfigError as e:
     _fail(str(e))
   except flags.Error as e:
-    _fail(f'{str(e).splitlines()[0]} (see configs/default.py for the fields and their types)')
+    line = str(e).splitlines()[0]
+    _fail(f'{line} (see configs/default.py for the fields and their types)'
+          if '--config.' in line else line)
 
 
 def _maybe_initialize_distributed():
+  """jax.distributed.initialize() when asked for or when the launcher's environment says so."""
   want = FLAGS.multihost
   if want is None:
     want = ('JAX_COORDINATOR_ADDRESS' in os.environ or
-            int(os.environ.get('SLURM_NTASKS', '1')) > 1)
-  if want:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+            int(os.environ.get('SLURM_NTASKS', '1') or '1') > 1)
+  if not want:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  for key, env in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID')):
+    if os.environ.get(env):
+      try:
+        kwargs[key] = int(os.environ[env])
+      except ValueError:
+        _fail(f'{env}={os.environ[env]!r} must be an integer')
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    _fail(f'jax.distributed.initialize() failed: {str(e).splitlines()[0]} (set '
+          'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM)')
 
 
 def main(argv):
@@ -89,6 +142,10 @@ def main(argv):
   if FLAGS.workdir is None:
     _fail('--workdir is required (where checkpoints, samples and metrics go)')
   config = _CONFIG.value
+  try:  # everything that does not depend on the devices, before jax is even imported
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
   _quiet_library_logs()
   _maybe_initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
@@ -97,6 +154,8 @@ def main(argv):
                         process_count=jax.process_count())
   except config_lib.ConfigError as e:
     _fail(str(e))
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)
   logging.info('JAX %s: %d process(es), %d device(s) (%s)', jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
 

@@ -1,0 +1,160 @@
+"""Config checks: every bad launch fails before compilation with a one-line reason naming the field.
+
+Most cases go through the real command line (`python main.py ...` in a subprocess): the check
+is that the process exits with status 2, prints one line `error: ...` that names the field, and
+shows no traceback. Validation runs before jax is imported, so each case takes well under a
+second; the one device-dependent case imports jax.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import config_lib
+from configs import default
+from tests.tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_main(args, env_extra=None, timeout=120):
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env, timeout=timeout,
+                        capture_output=True, text=True)
+
+
+# (override(s), the text the one-line error must contain). Each is a launch that cannot work.
+BAD_LAUNCHES = [
+    (['--config.optim.lrr=1e-4'], "'optim.lr'"),  # typo: names the close match
+    (['--config.optim=1'], 'optim'),  # a group, not a field
+    (['--config.training.batch_size=abc'], 'training.batch_size'),  # type
+    (['--config.training.batch_size=2.5'], 'training.batch_size'),  # type
+    (['--config.training.batch_size=0'], 'training.batch_size'),  # range
+    (['--config.optim.lr=-1e-4'], 'optim.lr'),
+    (['--config.optim.lr=nan'], 'optim.lr'),
+    (['--config.training.ema_rate=1.5'], 'training.ema_rate'),
+    (['--config.model.dropout=1.0'], 'model.dropout'),
+    (['--config.diffusion.beta_end=0.00001'], 'diffusion.beta_start'),  # beta_start >= beta_end
+    (['--config.model.attn_resolutions=(3,)'], 'model.attn_resolutions'),  # never reached
+    (['--config.model.ch_mult=(1,2,2,2,2,2)'], 'data.image_size'),  # 16 px cannot go 5 levels
+    (['--config.data.image_size=18'], 'data.image_size'),  # not divisible by 4
+    (['--config.sampling.sampler=euler'], 'sampling.sampler'),
+    (['--config.data.dataset=mnist'], 'data.dataset'),
+    (['--config.data.dataset=folder:/no/such/dir'], 'data.dataset'),
+    (['--config.diffusion.schedule=sigmoid'], 'diffusion.schedule'),
+    (['--config.diffusion.prediction=score'], 'diffusion.prediction'),
+    (['--config.optim.optimizer=sgd'], 'optim.optimizer'),
+    (['--config.sampling.num_steps=5000'], 'sampling.num_steps'),  # > num_timesteps
+    (['--config.model.num_heads=3'], 'model.num_heads'),  # 3 does not divide 64 channels
+    (['--config.model.num_classes=7'], 'model.num_classes'),  # != data.num_classes
+    (['--config.model.cond_channels=1'], 'model.cond_channels'),  # no low-res images
+    (['--config.data.num_channels=2'], 'data.num_channels'),
+    (['--config.training.keep_checkpoints=0'], 'training.keep_checkpoints'),
+    (['--config.sampling.class_label=10'], 'sampling.class_label'),
+    (['--config.data.crop=square'], 'data.crop'),
+    (['--mode=fit'], '--mode'),
+    (['--config.model.dtype=float16'], 'model.dtype'),
+]
+
+
+def _assert_one_line_failure(result, field):
+  out = result.stdout + result.stderr
+  assert result.returncode == 2, out
+  assert 'Traceback' not in out, out
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, out
+  assert lines[0].startswith('error: ') and field in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('overrides,field', BAD_LAUNCHES,
+                         ids=[' '.join(o) for o, _ in BAD_LAUNCHES])
+def test_bad_launch_fails_fast_with_one_line(overrides, field, tmp_path):
+  result = _run_main(['--config', 'configs/digits.py', '--workdir', str(tmp_path / 'w'),
+                      *overrides], timeout=60)
+  _assert_one_line_failure(result, field)
+  # Nothing was started: the workdir was not even created.
+  assert not (tmp_path / 'w').exists()
+
+
+def test_missing_config_file_and_workdir_fail_with_one_line(tmp_path):
+  _assert_one_line_failure(_run_main(['--config', 'configs/nope.py', '--workdir', str(tmp_path)]),
+                           'configs/nope.py')
+  _assert_one_line_failure(_run_main(['--config', 'configs/digits.py']), '--workdir')
+
+
+def test_batch_that_does_not_divide_over_the_devices_fails_before_compiling(tmp_path):
+  # 8 emulated devices; 60 examples do not split 8 ways. This check needs jax's device count,
+  # so it runs after `import jax`, still before any model or data is touched.
+  result = _run_main(['--config', 'configs/digits.py', '--workdir', str(tmp_path / 'w'),
+                      '--config.training.batch_size=60'],
+                     env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+                                'JAX_PLATFORMS': 'cpu'})
+  _assert_one_line_failure(result, 'training.batch_size')
+  assert '8 devices' in result.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_every_experiment_config_is_valid_on_one_device():
+  names = [f for f in os.listdir(os.path.join(ROOT, 'configs'))
+           if f.endswith('.py') and f != '__init__.py']
+  assert 'digits.py' in names and 'default.py' in names
+  for name in names:
+    config_lib.validate(config_lib.load_config_file(os.path.join(ROOT, 'configs', name)))
+
+
+@pytest.mark.parametrize('key,value,field', [
+    ('seed', 1.5, 'seed'),
+    ('training.batch_size', True, 'training.batch_size'),  # a bool is not a count
+    ('optim.b2', 1.0, 'optim.b2'),
+    ('optim.eps', 0.0, 'optim.eps'),
+    ('diffusion.cosine_s', -0.1, 'diffusion.cosine_s'),
+    ('data.low_res_size', 16, 'data.low_res_size'),  # not below image_size
+    ('sampling.checkpoint_step', -2, 'sampling.checkpoint_step'),
+    ('training.sample_every', -1, 'training.sample_every'),
+    ('sampling.guidance_scale', 3.0, 'sampling.guidance_scale'),  # unconditional model
+    ('model.ch_mult', (), 'model.ch_mult'),
+    ('eval.batch_size', 0, 'eval.batch_size'),
+])
+def test_validate_names_the_field(key, value, field):
+  config = tiny_config()
+  config.model.num_classes = 0
+  with config.unlocked():
+    node = config
+    *groups, leaf = key.split('.')
+    for g in groups:
+      node = node[g]
+    # Bypass the ConfigDict's type lock: a config *file* can hold any type.
+    node._fields[leaf] = value  # pylint: disable=protected-access
+  with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')) as e:
+    config_lib.validate(config)
+  assert '\n' not in str(e.value)
+
+
+def test_device_and_process_counts():
+  config = tiny_config(**{'training.batch_size': 12, 'sampling.batch_size': 8})
+  config_lib.validate(config, num_devices=4, process_count=2)
+  with pytest.raises(config_lib.ConfigError, match='training.batch_size.*8 devices'):
+    config_lib.validate(config, num_devices=8)
+  with pytest.raises(config_lib.ConfigError, match='sampling.batch_size.*3 devices'):
+    config_lib.validate(tiny_config(**{'training.batch_size': 12}), num_devices=3)
+
+
+def test_check_overrides():
+  config = default.get_config()
+  config_lib.check_overrides(config, ['main.py', '--config.optim.lr=1', '--workdir=x'])
+  with pytest.raises(config_lib.ConfigError, match="Did you mean 'training.batch_size'"):
+    config_lib.check_overrides(config, ['--config.training.batchsize=3'])
+  with pytest.raises(config_lib.ConfigError, match='names a group'):
+    config_lib.check_overrides(config, ['--config.model=3'])
+
+
+def test_diff_ignores_resumable_fields_and_lists_the_others():
+  a = config_lib.to_dict(tiny_config())
+  b = config_lib.to_dict(tiny_config(**{'training.num_steps': 99, 'sampling.num_steps': 5,
+                                        'optim.lr': 0.5, 'model.ch': 32}))
+  assert config_lib.diff(a, b) == ['model.ch: 16 -> 32', 'optim.lr: 0.001 -> 0.5']
+  assert config_lib.diff(a, json.loads(json.dumps(a))) == []
