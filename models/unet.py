@@ -15,9 +15,9 @@ which diffusers' `UNet2DModel` reproduces as `google/ddpm-cifar10-32`:
 With image_size=32, out_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
 attn_resolutions=(16,) and one head this has exactly 35,746,307 parameters, as in the paper.
 
-Initialisation follows DDPM: variance scaling (fan_avg, uniform) for every kernel, zero biases, and
-zeros for the last conv of each residual block, the attention output projection and conv_out, so that
-every block starts as the identity and the freshly initialised network outputs zeros.
+Initialisation follows DDPM: variance scaling (fan_avg, uniform) for every kernel, zero biases,
+and zeros for the last conv of each residual block, the attention output projection and conv_out,
+so that every block starts as the identity and the freshly initialised network outputs zeros.
 
 Mixed precision: `dtype` sets the compute dtype of convs, dense layers and activations; parameters
 are always float32; GroupNorm statistics and the attention softmax are computed in float32; the
@@ -274,9 +274,9 @@ class UNet(nn.Module):
       raise ValueError(f't must have shape [B]=[{b}] (or be a scalar); got {jnp.shape(t)}.')
     if self.num_classes > 0:
       if y is None:
-        raise ValueError(f'model.num_classes={self.num_classes}: the model is class-conditional and '
-                         f'needs y (int [B]; y={self.num_classes} is the null label); pass y= or set '
-                         'model.num_classes=0.')
+        raise ValueError(f'model.num_classes={self.num_classes}: the model is class-conditional '
+                         f'and needs y (int [B]; y={self.num_classes} is the null label); pass y= '
+                         'or set model.num_classes=0.')
       if jnp.shape(y) != (b,):
         raise ValueError(f'y must have shape [B]=[{b}]; got {jnp.shape(y)}.')
     elif y is not None:
@@ -284,9 +284,9 @@ class UNet(nn.Module):
                        'model.num_classes to the number of classes or drop y.')
     if self.cond_channels > 0:
       if cond is None:
-        raise ValueError(f'model.cond_channels={self.cond_channels}: the model is image-conditional '
-                         'and needs cond ([B, h, w, cond_channels]); pass cond= or set '
-                         'model.cond_channels=0.')
+        raise ValueError(f'model.cond_channels={self.cond_channels}: the model is '
+                         'image-conditional and needs cond ([B, h, w, cond_channels]); pass cond= '
+                         'or set model.cond_channels=0.')
       if cond.ndim != 4 or cond.shape[0] != b or cond.shape[-1] != self.cond_channels:
         raise ValueError(f'cond must have shape [B={b}, h, w, model.cond_channels='
                          f'{self.cond_channels}]; got {cond.shape}. Set model.cond_channels to '

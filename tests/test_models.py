@@ -14,6 +14,10 @@ from configs import default
 from models import unet
 
 
+# Test data comes from numpy: on XLA:CPU every jax.random draw of a new shape compiles a
+# threefry kernel, which costs seconds on this 2-core machine.
+
+
 def tiny_config(**model_overrides):
   """A 8x8 RGB config with a two-level, 16-channel U-Net (attention at 4x4)."""
   config = default.get_config()
@@ -43,8 +47,8 @@ def random_params(model, config, seed=0, scale=0.3):
 
 @functools.lru_cache(maxsize=None)
 def setup(variant):
-  """(config, model, params, jitted apply) for a named tiny variant; cached so tests share the
-  compiled function (each XLA:CPU compile costs seconds on this machine)."""
+  """(config, model, params, apply(params, x, t, train=False, **kw)) for a named tiny variant;
+  cached so tests share compiled functions (each XLA:CPU compile costs seconds here)."""
   overrides = {
       'base': dict(dropout=0.5),
       # One level, no resampling: the cheapest model to compile gradients for.
@@ -52,14 +56,20 @@ def setup(variant):
       'micro_remat': dict(dropout=0.5, ch_mult=(1,), attn_resolutions=(8,), remat=True),
       'class': dict(num_classes=3),
       'cond': dict(cond_channels=1),
-      'bf16': dict(dropout=0.5, dtype='bfloat16'),
+      'micro_bf16': dict(dropout=0.5, ch_mult=(1,), attn_resolutions=(8,), dtype='bfloat16'),
   }[variant]
   config = tiny_config(**overrides)
   if variant == 'cond':
     config.data.low_res_size = 4
   model = models.create_model(config)
   params = random_params(model, config)
-  return config, model, params, jax.jit(model.apply, static_argnames='train')
+  jitted = jax.jit(model.apply, static_argnames='train')
+
+  def apply(params, x, t, train=False, **kwargs):
+    # Always passing train keeps one jit cache entry per input signature.
+    return jitted({'params': params}, x, t, train=train, **kwargs)
+
+  return config, model, params, apply
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +81,7 @@ def fresh_tiny_params():
 def batch(config, b=2, key=0):
   """Images uniform in [-1, 1] ([b, S, S, C] float32) and distinct timesteps ([b] int32)."""
   s, c = config.data.image_size, config.data.num_channels
-  x = jax.random.uniform(jax.random.key(key), (b, s, s, c), minval=-1.0, maxval=1.0)
+  x = jnp.asarray(np.random.default_rng(key).uniform(-1, 1, (b, s, s, c)), jnp.float32)
   t = jnp.arange(b, dtype=jnp.int32) * 397 % 1000
   return x, t
 
@@ -107,7 +117,7 @@ def test_output_shape_equals_input_shape(variant):
   elif variant.startswith('cond'):
     size = 4 if variant == 'cond_low_res' else 8
     kwargs['cond'] = jnp.ones((2, size, size, 1))
-  out = apply({'params': params}, x, t, train=False, **kwargs)
+  out = apply(params, x, t, train=False, **kwargs)
   assert out.shape == x.shape
   assert out.dtype == jnp.float32
   assert np.all(np.isfinite(out)) and np.abs(out).max() > 0
@@ -153,7 +163,7 @@ def test_timestep_embedding_matches_closed_form():
 
 def test_attention_block_matches_closed_form():
   block = unet.AttnBlock(num_heads=2, num_groups=4)
-  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 8)), jnp.float32)
   shapes = jax.eval_shape(block.init, jax.random.key(1), x)['params']
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
@@ -182,7 +192,7 @@ def test_attention_block_matches_closed_form():
 
 
 def test_downsample_pads_like_tensorflow_same_and_upsample_is_nearest():
-  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 2))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 2)), jnp.float32)
   block = unet.Downsample(with_conv=True)
   params = block.init(jax.random.key(1), x)['params']
   out = block.apply({'params': params}, x)
@@ -204,12 +214,12 @@ def test_group_count_keeps_ddpm_groups_and_two_channels_per_group():
 
 
 def test_dropout_is_active_only_when_training():
-  config, _, params, apply = setup('base')
+  config, _, params, apply = setup('micro')
   x, t = batch(config)
   # No 'dropout' rng is given: Flax would raise if any Dropout layer were active here.
-  eval1 = apply({'params': params}, x, t, train=False)
-  train1 = apply({'params': params}, x, t, train=True, rngs={'dropout': jax.random.key(1)})
-  train2 = apply({'params': params}, x, t, train=True, rngs={'dropout': jax.random.key(2)})
+  eval1 = apply(params, x, t, train=False)
+  train1 = apply(params, x, t, train=True, rngs={'dropout': jax.random.key(1)})
+  train2 = apply(params, x, t, train=True, rngs={'dropout': jax.random.key(2)})
   assert np.abs(train1 - train2).max() > 1e-3
   assert np.abs(train1 - eval1).max() > 1e-3
 
@@ -217,10 +227,10 @@ def test_dropout_is_active_only_when_training():
 def test_timestep_changes_the_output_and_scalar_t_broadcasts():
   config, _, params, apply = setup('micro')
   x, _ = batch(config)
-  out0 = apply({'params': params}, x, jnp.array([0, 0]))
-  out1 = apply({'params': params}, x, jnp.array([500, 500]))
+  out0 = apply(params, x, jnp.array([0, 0]))
+  out1 = apply(params, x, jnp.array([500, 500]))
   assert np.abs(out0 - out1).max() > 1e-3
-  np.testing.assert_allclose(apply({'params': params}, x, jnp.int32(500)), out1, atol=1e-6)
+  np.testing.assert_allclose(apply(params, x, jnp.int32(500)), out1, atol=1e-6)
 
 
 def test_class_label_changes_the_output():
@@ -228,7 +238,7 @@ def test_class_label_changes_the_output():
   x, t = batch(config)
   x = jnp.broadcast_to(x[:1], x.shape)
   t = jnp.broadcast_to(t[:1], t.shape)
-  outs = [apply({'params': params}, x, t, y=jnp.array([a, b], jnp.int32)) for a, b in
+  outs = [apply(params, x, t, y=jnp.array([a, b], jnp.int32)) for a, b in
           [(0, 1), (2, 3)]]  # 3 = the null label
   per_label = [outs[0][0], outs[0][1], outs[1][0], outs[1][1]]
   for i in range(4):
@@ -240,23 +250,23 @@ def test_class_label_changes_the_output():
 def test_condition_image_changes_the_output():
   config, _, params, apply = setup('cond')
   x, t = batch(config)
-  out_a = apply({'params': params}, x, t, cond=jnp.zeros((2, 4, 4, 1)))
-  out_b = apply({'params': params}, x, t, cond=jnp.ones((2, 4, 4, 1)))
+  out_a = apply(params, x, t, cond=jnp.zeros((2, 4, 4, 1)))
+  out_b = apply(params, x, t, cond=jnp.ones((2, 4, 4, 1)))
   assert np.abs(out_a - out_b).max() > 1e-3
   # A constant low-res image resizes to the same constant, so passing it at full size agrees.
-  out_full = apply({'params': params}, x, t, cond=jnp.ones((2, 8, 8, 1)))
+  out_full = apply(params, x, t, cond=jnp.ones((2, 8, 8, 1)))
   np.testing.assert_allclose(out_b, out_full, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
-  config, _, params, apply32 = setup('base')
-  config16, model16, _, apply16 = setup('bf16')
+  config, _, params, apply32 = setup('micro')
+  config16, model16, _, apply16 = setup('micro_bf16')
   init16 = jax.eval_shape(lambda k: models.init_params(model16, config16, k), jax.random.key(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(init16))
   assert jax.tree_util.tree_structure(init16) == jax.tree_util.tree_structure(params)
   x, t = batch(config)
-  out32 = apply32({'params': params}, x, t)
-  out16 = apply16({'params': params}, x, t)
+  out32 = apply32(params, x, t)
+  out16 = apply16(params, x, t)
   assert out16.dtype == jnp.float32
   assert np.all(np.isfinite(out16))
   # bf16 has an 8-bit mantissa: agreement to a few percent of the output scale, but not exact.
@@ -278,8 +288,10 @@ def test_remat_gives_same_output_and_gradients():
     out = m.apply({'params': p}, x, t, train=True, rngs=rngs)
     return jnp.mean(out ** 2), out
 
-  (l1, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, model), has_aux=True))(params)
-  (l2, o2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, model_remat), has_aux=True))(params)
+  # Unpartitionable threefry only to make the dropout masks cheaper to compile on XLA:CPU.
+  with jax.threefry_partitionable(False):
+    (l1, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, model), has_aux=True))(params)
+    (l2, o2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, model_remat), has_aux=True))(params)
   np.testing.assert_allclose(o1, o2, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   assert jax.tree_util.tree_structure(g1) == jax.tree_util.tree_structure(g2)
@@ -357,8 +369,9 @@ def test_tiny_model_overfits_a_tiny_batch():
   config = tiny_config()
   model = models.create_model(config)
   params = fresh_tiny_params()
-  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
-  target = jax.random.normal(jax.random.key(1), x.shape)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+  target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   t = jnp.array([10, 200, 500, 900])
   opt = optax.adam(3e-3)
 
