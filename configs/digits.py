@@ -17,7 +17,7 @@ def get_config():
   config.data.num_channels = 1
   config.data.num_classes = 10
 
-  config.model.ch = 32
+  config.model.ch = 16
   config.model.ch_mult = (1, 2, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
@@ -27,10 +27,10 @@ def get_config():
   config.optim.warmup_steps = 100
 
   config.training.batch_size = 64
-  config.training.num_steps = 2000
+  config.training.num_steps = 1500
   config.training.log_every = 100
-  config.training.checkpoint_every = 1000
-  config.training.sample_every = 2000
+  config.training.checkpoint_every = 500
+  config.training.sample_every = 1500
   config.training.ema_rate = 0.995
 
   config.sampling.sampler = 'ddpm'
