@@ -96,6 +96,13 @@ def get_config():
   sampling.use_ema = True  # sample with EMA params (else the raw params)
   sampling.guidance_scale = 1.0  # classifier-free guidance w: 0 = unconditional, 1 = plain conditional
   sampling.class_label = -1  # class to generate (-1 = cycle through all classes)
+  sampling.init_image = ''  # img2img/inpainting input: PNG/JPEG path or .npz of images ('' = none)
+  sampling.mask = ''  # inpainting mask image or .npz, white (>= 128) = known pixels kept ('' = none)
+  sampling.strength = 0.8  # img2img (SDEdit): run the last int(strength*num_steps) steps; 0 = input
+  sampling.resample = 1  # inpainting: RePaint repetitions of every step (1 = none)
+  sampling.cond_image = ''  # image-conditional model: condition image(s) ('' = dataset low_res)
+  sampling.cascade_base_config = ''  # cascade: config file of the base model ('' = no cascade)
+  sampling.cascade_base_workdir = ''  # cascade: workdir of the base model's checkpoints
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ev = ml_collections.ConfigDict()
