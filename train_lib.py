@@ -170,8 +170,15 @@ def global_batch(local_batch, sharding):
 
 
 def checkpoint_manager(workdir, config):
+  """Orbax manager of workdir/checkpoints: async saves, keep_checkpoints newest kept.
+
+  Orbax writes a save into a temporary folder and renames it on commit; it deletes the
+  checkpoints beyond keep_checkpoints only after the new one is committed. Temporary folders
+  left by a killed save are removed when the next manager opens the directory.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=config.training.keep_checkpoints,
-                                         create=True, enable_async_checkpointing=True)
+                                         create=True, enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                options=options)
 
@@ -187,6 +194,11 @@ def abstract_state(config, model, tx, mesh):
 def restore_latest(mngr, target, *, with_data=True):
   """Restores the newest checkpoint that reads back; warns about and skips broken ones.
 
+  A checkpoint that raises on restore (truncated or missing files, a shape that does not match
+  `target`) or that holds a non-finite float is skipped with a warning, and the next older one
+  is tried. Orbax writes each checkpoint into a temporary folder and renames it on commit, so a
+  save cut short (SIGKILL, node failure) never shows up in `mngr.all_steps()` at all.
+
   Returns (step, state, data_state) or None when no checkpoint can be read.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
@@ -196,15 +208,40 @@ def restore_latest(mngr, target, *, with_data=True):
         args['data'] = ocp.args.JsonRestore()
       restored = mngr.restore(step, args=ocp.args.Composite(**args))
       state = restored['state']
-      leaves = jax.tree.leaves(state)
-      if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves
-                 if jnp.issubdtype(x.dtype, jnp.floating)):
+      if not _all_finite(state):
         raise ValueError('non-finite values in the checkpoint')
       return step, state, restored.get('data') if with_data else None
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('checkpoint at step %d cannot be restored (%s: %s); trying an older one',
                       step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
   return None
+
+
+def _all_finite(tree):
+  """True when every float leaf of `tree` is finite (one small reduction per leaf)."""
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def _set_aside_newer(mngr, step, workdir):
+  """Moves checkpoints newer than `step` (the ones that failed to restore) out of the way.
+
+  They are renamed into workdir/unreadable_checkpoints/ (kept for a post-mortem, never deleted)
+  so that the resumed run can write its own checkpoints at those steps. Process 0 moves them;
+  every process then re-reads the checkpoint list.
+  """
+  newer = [s for s in mngr.all_steps() if step is None or s > step]
+  if not newer:
+    return
+  if jax.process_index() == 0:
+    aside = os.path.join(workdir, 'unreadable_checkpoints')
+    os.makedirs(aside, exist_ok=True)
+    for s in newer:
+      dest = os.path.join(aside, f'{s}.{int(time.time())}')
+      os.replace(os.path.join(str(mngr.directory), str(s)), dest)
+      logging.warning('moved the unreadable checkpoint at step %d to %s', s, dest)
+  ocp.multihost.sync_global_processes('set_aside_unreadable_checkpoints')
+  mngr.reload()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -238,11 +275,20 @@ class MetricWriter:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop reads between steps."""
+  """Turns SIGTERM/SIGINT into a flag the loop reads between steps (single-process runs).
 
-  def __init__(self):
+  A second SIGINT (Ctrl-C twice) interrupts at once. In a multi-process run no Python handler
+  is installed: jax.distributed's preemption service catches SIGTERM on any process and the
+  loop asks `multihost_utils.reached_preemption_sync_point` every step, so that every process
+  stops and saves at the same step (a flag set on one process alone would leave the others
+  waiting in a collective).
+  """
+
+  def __init__(self, install=True):
     self.signal = None
     self._old = {}
+    if not install:
+      return
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
@@ -251,28 +297,70 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
+    if self.signal == 'SIGINT' and signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
+    logging.warning('received %s: finishing the current step, then saving a checkpoint',
+                    self.signal)
 
   def restore(self):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
 
 
+def _write_atomically(path, text):
+  """Writes `text` to `path` through a temporary file and a rename: never a torn file."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def _check_workdir_config(workdir, config, allow_config_change):
+  """Refuses a workdir whose saved config differs (except resumable fields); records ours.
+
+  Raises:
+    config_lib.ConfigError: the differing fields, one line, unless allow_config_change.
+  """
   path = os.path.join(workdir, 'config.json')
   current = config_lib.to_dict(config)
+  saved = None
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning('cannot read %s (%s); it will be rewritten', path, e)
+  if saved is not None:
     differing = config_lib.diff(saved, current)
     if differing and not allow_config_change:
       raise config_lib.ConfigError(
           f'workdir {workdir} holds a run with a different config ({"; ".join(differing)}); '
           'use another --workdir, or pass --allow_config_change to resume it anyway')
+    if differing:
+      logging.warning('resuming %s with a changed config: %s', workdir, '; '.join(differing))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(current, f, indent=2)
+    _write_atomically(path, json.dumps(current, indent=2))
+
+
+def _trim_metrics(workdir, step):
+  """Drops metrics.jsonl records after `step` (steps that are about to be redone) and a line
+  torn by a kill, so that the file reads as one run. Process 0 only."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line).get('step', 0) <= step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+      except ValueError:
+        pass
+  _write_atomically(path, ''.join(kept))
 
 
 def _fmt_time(seconds):
@@ -286,67 +374,136 @@ def _fmt_time(seconds):
 def train(config, workdir, *, allow_config_change=False, stop_after=None):
   """Trains (or resumes) the run in `workdir`; returns the final TrainState.
 
-  stop_after: stop (with a checkpoint) once this many steps are done, as if preempted;
-    used by tests of exact resumption.
+  Reliability contract (tests/test_reliability.py, bench/kill_resume.py):
+    * Resuming: the newest checkpoint that restores is used (older ones on failure, with a
+      warning; the failed newer ones are moved to workdir/unreadable_checkpoints/). The state
+      and the data position are restored, so the rest of the run is bit for bit the
+      uninterrupted one on the same device count; any other device count also restores.
+    * SIGTERM / SIGINT (or a multi-host preemption notice): the current step finishes, a
+      checkpoint is written at that step, and train returns.
+    * Non-finite loss or gradient: the update is skipped and counted (metric
+      'nonfinite_total'); after training.max_nonfinite_steps in a row (detected at most one
+      dispatch late), FloatingPointError. Checkpoints only ever hold finite values.
+    * A workdir whose config.json differs in a non-resumable field is refused (ConfigError)
+      unless allow_config_change.
+
+  Args:
+    config: the experiment config (validated here again).
+    workdir: run directory; checkpoints/, metrics.jsonl, config.json, TensorBoard files.
+    allow_config_change: resume even though config.json differs.
+    stop_after: stop (with a checkpoint) once this many steps are done, as if preempted;
+      used by tests of exact resumption.
+
+  Raises:
+    config_lib.ConfigError: a bad config, a data source that cannot be read, a refused
+      workdir, or checkpoints none of which restores.
+    FloatingPointError: too many non-finite updates in a row.
   """
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  # Installed first: a signal during restore or compilation still ends with a checkpoint.
+  stop = _StopRequest(install=jax.process_count() == 1)
   workdir = os.path.abspath(workdir)
   mngr = checkpoint_manager(workdir, config)
-  if mngr.all_steps():
-    _check_workdir_config(workdir, config, allow_config_change)
-  else:
-    _check_workdir_config(workdir, config, True)
+  try:
+    _check_workdir_config(workdir, config, allow_config_change or not mngr.all_steps())
+    mesh = make_mesh()
+    model = models.create_model(config)
+    schedule = get_schedule(config)
+    tx = make_optimizer(config)
+    try:
+      ds = data_lib.get_dataset(config)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e).splitlines()[0]) from e
 
-  mesh = make_mesh()
-  model = models.create_model(config)
-  schedule = get_schedule(config)
-  tx = make_optimizer(config)
-  k = config.training.steps_per_dispatch
+    target = abstract_state(config, model, tx, mesh)
+    restored = restore_latest(mngr, target)
+    if restored is None and mngr.all_steps():
+      raise config_lib.ConfigError(
+          f'none of the checkpoints {mngr.all_steps()} in {mngr.directory} can be restored (see '
+          'the warnings above); move them away to start afresh')
+    if restored is not None:
+      step, state, data_state = restored
+      _set_aside_newer(mngr, step, workdir)
+      try:
+        ds.set_state(data_state)
+      except ValueError as e:  # e.g. another process count: the stream cannot be re-cut
+        logging.warning('the data position cannot be restored (%s); the data stream restarts '
+                        'from its beginning', str(e).splitlines()[0])
+      logging.info('resumed from %s at step %d', mngr.directory, step)
+    else:
+      state = create_state(config, model, tx, mesh)
+      step = 0
+      logging.info('new run in %s: %s parameters', workdir,
+                   f'{models.count_params(state.params):,}')
+    _trim_metrics(workdir, step)
+    return _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop,
+                 stop_after)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    stop.restore()
+
+
+def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after):
+  """The training loop of `train`, from `state` at `step`; returns the last state."""
   tc = config.training
-  ds = data_lib.get_dataset(config)
-
-  target = abstract_state(config, model, tx, mesh)
-  restored = restore_latest(mngr, target)
-  if restored is not None:
-    step, state, data_state = restored
-    ds.set_state(data_state)
-    logging.info('resumed from %s at step %d', mngr.directory, step)
-  else:
-    state = create_state(config, model, tx, mesh)
-    logging.info('new run in %s: %s parameters', workdir,
-                 f'{models.count_params(state.params):,}')
-
+  k = tc.steps_per_dispatch
   step_fn, batch_sharding = compile_train_step(config, model, schedule, tx, mesh)
   writer = MetricWriter(workdir)
   evaluator = None
   if tc.eval_every > 0:
     import eval_lib  # pylint: disable=g-import-not-at-top
     evaluator = eval_lib.InLoopEvaluator(config)
-  stop = _StopRequest()
-  step = int(state.step)
   end = tc.num_steps if stop_after is None else min(tc.num_steps, stop_after)
   pending = []  # device metrics since the last log; fetched only at log steps
   last_time, last_step, start_step = time.time(), step, step
+  last_saved = step if step in mngr.all_steps() else None
+  unchecked = None  # (step, device streak) of the last dispatch, checked one dispatch later
 
-  def save(step, state):
-    if step in mngr.all_steps():  # e.g. a stop signal right after a periodic save
+  def check_streak(at_step, streak):
+    streak = int(streak)
+    if streak >= tc.max_nonfinite_steps:
+      raise FloatingPointError(
+          f'{streak} consecutive non-finite losses or gradients up to step {at_step} '
+          f'(limit training.max_nonfinite_steps = {tc.max_nonfinite_steps}); those updates were '
+          f'skipped and the last good checkpoint in {mngr.directory} is intact. Lower optim.lr '
+          'or check the data.')
+
+  def save(at_step, state):
+    nonlocal last_saved
+    if at_step == last_saved:  # e.g. a stop signal right after a periodic save
       return
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=ocp.args.JsonSave(ds.get_state())), force=True)
+    # Skipped updates keep the state finite; this guard makes it a guarantee.
+    if not _all_finite(state):
+      raise FloatingPointError(f'non-finite values in the state at step {at_step}; not saved')
+    mngr.save(at_step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=ocp.args.JsonSave(ds.get_state())),
+              force=True)
+    last_saved = at_step
 
   try:
     while step < end:
       local = [next(ds) for _ in range(k)]
       local = local[0] if k == 1 else {key: np.stack([b[key] for b in local]) for key in local[0]}
-      state, metrics = step_fn(state, global_batch(local, batch_sharding))
+      batch = global_batch(local, batch_sharding)
+      if step == start_step and jax.process_count() > 1:
+        # Compile, then wait for every process: the first cross-process collective gives up
+        # if the processes reach it far apart (CPU gloo: 30 s), as uneven compile times can.
+        step_fn = step_fn.lower(state, batch).compile()
+        ocp.multihost.sync_global_processes('train_step_compiled', timeout=3600)
+      state, metrics = step_fn(state, batch)
       step += k
       pending.append(metrics)
+      # The previous dispatch is done (or nearly) by now: reading its streak does not stall
+      # the device, which already holds this step's work.
+      if unchecked is not None:
+        check_streak(*unchecked)
+      unchecked = (step, metrics['nonfinite_streak'])
 
       if step % tc.log_every < k or step >= end:
         fetched = jax.device_get(pending)
         pending = []
         logged = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
-        streak = max(int(m['nonfinite_streak']) for m in fetched)
         logged.pop('nonfinite_streak')
         logged['nonfinite_total'] = float(int(state.nonfinite_total))
         now = time.time()
@@ -360,33 +517,31 @@ def train(config, workdir, *, allow_config_change=False, stop_after=None):
                        _fmt_time((tc.num_steps - step) / max(rate, 1e-9)),
                        f'  skipped {int(logged["nonfinite_total"])} non-finite updates'
                        if logged['nonfinite_total'] else '')
-        if streak >= tc.max_nonfinite_steps:
-          raise FloatingPointError(
-              f'{streak} consecutive non-finite losses or gradients at step {step} '
-              f'(limit training.max_nonfinite_steps = {tc.max_nonfinite_steps}); the last good '
-              f'checkpoint in {mngr.directory} is intact. Lower optim.lr or check the data.')
 
       if step % tc.checkpoint_every < k or step >= end:
+        check_streak(*unchecked)
         save(step, state)
       if tc.sample_every and (step % tc.sample_every < k or step >= tc.num_steps):
         sample_lib.write_training_grid(config, model, schedule, state.ema_params, workdir, step)
       if evaluator is not None and (step % tc.eval_every < k or step >= tc.num_steps):
         scores = evaluator(model, schedule, state.ema_params, step)
         writer.write(step, scores)
-        logging.info('step %d  %s', step, '  '.join(f'{name} {val:.4g}' for name, val in scores.items()))
-      if stop.signal is not None or (jax.process_count() > 1 and
-                                     multihost_utils.reached_preemption_sync_point(step)):
+        logging.info('step %d  %s', step,
+                     '  '.join(f'{name} {val:.4g}' for name, val in scores.items()))
+      # Every process calls the sync point at every step (its contract), hence no short cut.
+      preempted = jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
+      if stop.signal is not None or preempted:
+        check_streak(*unchecked)
         save(step, state)
         mngr.wait_until_finished()
         logging.warning('received %s: saved a checkpoint at step %d in %s; rerun the same '
                         'command to resume', stop.signal or 'a preemption notice', step,
                         mngr.directory)
         break
+    if unchecked is not None:
+      check_streak(*unchecked)
     if step > start_step:
       logging.info('done: step %d, checkpoints in %s', step, mngr.directory)
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
     writer.close()
-    stop.restore()
   return state
