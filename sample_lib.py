@@ -206,8 +206,9 @@ def guided_model_fn(model, params, config, kwargs, guidance_scale):
 
   out = out_uncond + w * (out_cond - out_uncond): w = 1 is the plain conditional model,
   w = 0 the unconditional one (null label), w > 1 strengthens the condition. Guidance combines
-  the raw network outputs, whatever config.diffusion.prediction they are ('eps', 'x0' or 'v'
-  are all linear in x_t given the clean image, so the combination is the same for each).
+  the raw network outputs, whatever config.diffusion.prediction they are: at fixed x_t and t,
+  x0 and v are affine functions of eps, and the weights (1 - w, w) sum to 1, so guiding 'eps',
+  'x0' or 'v' outputs gives the same implied eps and x0.
   For w not in {0, 1} the conditional and unconditional passes run as one batch of twice the size.
   """
   def apply(x_t, t, **kw):
@@ -468,8 +469,11 @@ def restore_params(config, workdir, *, step=-1, use_ema=True, model=None):
   key = 'ema_params' if use_ema else 'params'
   for s in steps:
     try:
+      # Explicit restore_args: without them Orbax takes the shardings recorded at save time,
+      # which fail on another device count (e.g. trained on 8 devices, sampled on 1).
       restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={key: target}, partial_restore=True)))
+          item={key: target}, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}))))
       params = restored['state'][key]
       mngr.close()
       return s, params
@@ -490,12 +494,21 @@ def _config_from_dict(saved):
 
   def fill(node, values):
     for key, value in values.items():
-      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
+      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
         fill(node[key], value)
       else:
         node[key] = tuple(value) if isinstance(value, list) else value
   fill(config, saved)
   return config
+
+
+def load_run_config(workdir):
+  """The config a run was trained with, from WORKDIR/config.json (train_lib writes it)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no {path}: not a training workdir, or give the config file')
+  with open(path) as f:
+    return _config_from_dict(json.load(f))
 
 
 def cascade_base_config(config):
@@ -508,12 +521,11 @@ def cascade_base_config(config):
   if s.cascade_base_config:
     base = config_lib.load_config_file(s.cascade_base_config)
   else:
-    path = os.path.join(s.cascade_base_workdir, 'config.json')
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'config.sampling.cascade_base_workdir: no {path}; set '
-                              'config.sampling.cascade_base_config to the base model\'s config file')
-    with open(path) as f:
-      base = _config_from_dict(json.load(f))
+    try:
+      base = load_run_config(s.cascade_base_workdir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'config.sampling.cascade_base_workdir: {e}; or set '
+                              'config.sampling.cascade_base_config') from e
   for field in ('num_samples', 'batch_size', 'seed', 'class_label'):
     base.sampling[field] = s[field]
   return base

@@ -11,7 +11,8 @@ classifier labels as the requested digit.
 
 w = 0 is the unconditional model (accuracy near the 10% of chance if the model ignores labels, or
 the share of each digit among the unconditional samples), w = 1 the plain conditional model,
-w > 1 guided. The table also goes to WORKDIR/guidance_accuracy.json.
+w > 1 guided. The table also goes to WORKDIR/guidance_accuracy_SAMPLERSTEPS.json, and a grid of
+the first 10 samples of each digit per scale to WORKDIR/samples/guidance_SAMPLERSTEPS_wW.png.
 """
 
 import json
@@ -107,6 +108,10 @@ def main(argv):
     out = sample_lib.generate(config, model, schedule, params, n, seed=FLAGS.seed,
                               guidance_scale=w)
     seconds = time.time() - t1
+    # The first 10 of each digit, one digit per column, for a person to look at.
+    rows_idx = np.stack([np.flatnonzero(asked == c)[:10] for c in range(k)], axis=1).reshape(-1)
+    sample_lib.write_grid(os.path.join(FLAGS.workdir, 'samples', f'guidance_{FLAGS.sampler}'
+                                       f'{FLAGS.num_steps}_w{w:g}.png'), out[rows_idx], ncol=k)
     pred = clf.predict(out.reshape(n, -1) / 255.0)
     per_class = [float(np.mean(pred[asked == c] == c)) for c in range(k)]
     evals = samplers.num_model_evals(FLAGS.sampler, FLAGS.num_steps)
@@ -118,7 +123,8 @@ def main(argv):
 
   print(f'\ncheckpoint step {step}, {FLAGS.sampler} {FLAGS.num_steps} steps, {n} samples per '
         f'scale ({FLAGS.per_class} per digit), classifier held-out accuracy {held_out:.3f}\n')
-  print('| guidance scale w | accuracy of the requested digit | worst digit | U-Net evals / sample |')
+  print('| guidance scale w | accuracy of the requested digit | worst digit | '
+        'U-Net evals / sample |')
   print('|---|---|---|---|')
   for r in rows:
     worst = int(np.argmin(r['per_class']))
@@ -127,7 +133,8 @@ def main(argv):
   record = {'config': FLAGS.config, 'checkpoint_step': step, 'train_seconds': train_s,
             'classifier_held_out_accuracy': held_out, 'sampler': FLAGS.sampler,
             'num_steps': FLAGS.num_steps, 'rows': rows}
-  with open(os.path.join(FLAGS.workdir, 'guidance_accuracy.json'), 'w') as f:
+  name = f'guidance_accuracy_{FLAGS.sampler}{FLAGS.num_steps}.json'
+  with open(os.path.join(FLAGS.workdir, name), 'w') as f:
     json.dump(record, f, indent=1)
 
 

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -154,3 +155,17 @@ def test_missing_input_file_is_a_one_line_error(runs, tmp_path, capsys):
     _sample(config, workdir, f'--config.sampling.init_image={tmp_path / "nope.png"}')
   assert e.value.code == 2
   assert 'config.sampling.init_image' in capsys.readouterr().err
+
+
+def test_checkpoint_from_8_devices_samples_on_1(runs):
+  # A run trained on several accelerators must be restorable for sampling on one.
+  _, base_workdir = runs['base']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import jax, sample_lib\n'
+          f'config = sample_lib.load_run_config({base_workdir!r})\n'
+          f'step, params = sample_lib.restore_params(config, {base_workdir!r})\n'
+          'print(jax.device_count(), step, sum(x.size for x in jax.tree.leaves(params)))\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  assert out[:2] == ['1', '0'] and int(out[2]) > 1000

@@ -58,6 +58,26 @@ def test_guidance_combines_conditional_and_unconditional(w):
   assert fake.batch_sizes == ([4] if w in (0.0, 1.0) else [8])
 
 
+def test_guidance_is_the_same_in_eps_x0_and_v():
+  # The docstring's claim: guiding any parametrization implies the same eps (float64).
+  from diffusion import process, schedules  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    schedule = schedules.get_schedule('cosine', 100)
+  rng = np.random.default_rng(0)
+  x_t, eps_c, eps_u = (rng.normal(size=(3, 4, 4, 1)) for _ in range(3))
+  t, w = np.array([3, 50, 97]), 3.0
+  a = np.asarray(schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
+  as_x0 = lambda e: (x_t - np.sqrt(1 - a) * e) / np.sqrt(a)
+  as_v = lambda e: np.sqrt(a) * e - np.sqrt(1 - a) * as_x0(e)
+  want = eps_u + w * (eps_c - eps_u)
+  for pred, f in (('x0', as_x0), ('v', as_v)):
+    guided = f(eps_u) + w * (f(eps_c) - f(eps_u))
+    with jax.enable_x64(True):
+      _, eps = process.predict_x0_eps(schedule, x_t, t, guided, pred)
+    assert np.asarray(eps).dtype == np.float64
+    np.testing.assert_allclose(eps, want, rtol=1e-6, atol=1e-6)  # float32 schedule values
+
+
 def test_guidance_ignored_by_unconditional_model():
   config, x, t, _ = _fake_inputs(num_classes=0)
   out = sample_lib.guided_model_fn(_FakeModel(), {}, config, {}, 3.0)(x, t)
