@@ -4,6 +4,7 @@ Every problem is a `ConfigError` whose one-line message names the field and the 
 main.py prints it without a traceback.
 """
 
+import ast
 import difflib
 import importlib.util
 import json
@@ -75,6 +76,27 @@ def check_overrides(config, argv):
     hint = f" Did you mean '{close[0]}'?" if close else ''
     raise ConfigError(f"unknown config field '{path}' (from {arg!r}).{hint} "
                       f'Every field is listed, with its meaning, in configs/default.py.')
+
+
+def set_field(config, path, value):
+  """Sets the field at dotted `path` ('optim.lr') to `value`; ConfigError if it does not exist.
+
+  A string `value` for a non-string field is read as a Python literal ('1e-4', '(1, 2)', 'True'),
+  as `--config.optim.lr=1e-4` would be.
+  """
+  known = _leaf_paths(config)
+  if path not in known:
+    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ''
+    raise ConfigError(f"unknown config field '{path}'.{hint}")
+  group, _, leaf = path.rpartition('.')
+  node = _get(config, group) if group else config
+  if isinstance(value, str) and not isinstance(node[leaf], str):
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f'config.{path}: cannot read {value!r} as a Python literal') from e
+  node[leaf] = value
 
 
 def _check(ok, field, message):

@@ -63,8 +63,7 @@ class JaxSide:
     config.training.batch_size = batch
     config.training.steps_per_dispatch = 1
     for key, value in (extra_flags or {}).items():
-      group, leaf = key.split('.')
-      config[group][leaf] = value
+      config_lib.set_field(config, key, value)
     model = models.create_model(config)
     mesh = train_lib.make_mesh()
     x = _batch(batch, seed)

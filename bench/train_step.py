@@ -79,11 +79,7 @@ def main():
   config = config_lib.load_config_file(args.config)
   for item in args.set:
     key, value = item.split('=', 1)
-    node = config
-    *groups, leaf = key.split('.')
-    for g in groups:
-      node = node[g]
-    node[leaf] = type(node[leaf])(eval(value)) if not isinstance(node[leaf], str) else value  # pylint: disable=eval-used
+    config_lib.set_field(config, key, value)
   print(f'# {args.config} {" ".join(args.set)} | jax {jax.__version__} | '
         f'{jax.device_count()} x {jax.devices()[0].device_kind}')
   print('| params | batch | steps/call | compile s | step ms | img/s | GFLOP/example | GFLOP/s |')

@@ -152,6 +152,20 @@ def test_check_overrides():
     config_lib.check_overrides(config, ['--config.model=3'])
 
 
+def test_set_field_reads_literals_and_rejects_unknown_fields():
+  config = default.get_config()
+  config_lib.set_field(config, 'optim.lr', '1e-4')
+  config_lib.set_field(config, 'model.ch_mult', '(1, 2)')
+  config_lib.set_field(config, 'data.dataset', 'folder:/x')
+  config_lib.set_field(config, 'seed', 3)
+  assert (config.optim.lr, config.model.ch_mult, config.data.dataset, config.seed) == (
+      1e-4, (1, 2), 'folder:/x', 3)
+  with pytest.raises(config_lib.ConfigError, match="Did you mean 'optim.lr'"):
+    config_lib.set_field(config, 'optim.lrr', 1.0)
+  with pytest.raises(config_lib.ConfigError, match='Python literal'):
+    config_lib.set_field(config, 'optim.lr', 'fast')
+
+
 def test_diff_ignores_resumable_fields_and_lists_the_others():
   a = config_lib.to_dict(tiny_config())
   b = config_lib.to_dict(tiny_config(**{'training.num_steps': 99, 'sampling.num_steps': 5,

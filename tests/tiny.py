@@ -1,5 +1,6 @@
 """Tiny configs for tests: 8x8 digits and a U-Net of a few thousand parameters."""
 
+import config_lib
 from configs import digits
 
 
@@ -26,9 +27,5 @@ def tiny_config(**overrides):
   config.sampling.num_samples = 8
   config.sampling.batch_size = 8
   for key, value in overrides.items():
-    node = config
-    *groups, leaf = key.split('.')
-    for g in groups:
-      node = node[g]
-    node[leaf] = value
+    config_lib.set_field(config, key, value)
   return config
