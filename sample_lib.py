@@ -233,7 +233,9 @@ def sampler_options(config, **overrides):
   s = config.sampling
   opts = dict(sampler=s.sampler, num_steps=s.num_steps, spacing=s.spacing, eta=s.eta,
               clip_x0=s.clip_x0, guidance_scale=s.guidance_scale, strength=s.strength,
-              resample=s.resample)
+              resample=s.resample,
+              # Absent from configs saved before the field existed.
+              use_clipped_model_output=s.get('use_clipped_model_output', False))
   opts.update({k: v for k, v in overrides.items() if v is not None})
   return opts
 
@@ -242,7 +244,8 @@ TASKS = ('sample', 'img2img', 'inpaint')
 
 
 def make_generate_fn(config, model, schedule, mesh, *, sampler, num_steps, spacing, eta,
-                     clip_x0, guidance_scale, task='sample', strength=None, resample=1):
+                     clip_x0, guidance_scale, task='sample', strength=None, resample=1,
+                     use_clipped_model_output=False):
   """A jitted (params, rng, kwargs, batch_size, images, mask) -> images in [-1, 1].
 
   task 'sample' starts from N(0, I) and ignores images, mask, strength and resample;
@@ -269,7 +272,8 @@ def make_generate_fn(config, model, schedule, mesh, *, sampler, num_steps, spaci
     x_init = jax.lax.with_sharding_constraint(x_init, batch_sharding)
     return samplers.sample(schedule, model_fn, x_init, loop_rng, sampler=sampler,
                            num_steps=num_steps, spacing=spacing, eta=eta,
-                           prediction=config.diffusion.prediction, clip_x0=clip_x0, **extra)
+                           prediction=config.diffusion.prediction, clip_x0=clip_x0,
+                           use_clipped_model_output=use_clipped_model_output, **extra)
 
   return jax.jit(generate, static_argnums=3, out_shardings=batch_sharding)
 
@@ -316,7 +320,7 @@ def generate(config, model, schedule, params, num_samples, *, seed, mesh=None, c
       config.sampling.strength, or with `mask` the known image of inpainting.
     mask: float32 [M', H, W, 1 or C], 1 = known, cycled to N rows: inpainting.
     **overrides: sampler options replacing config.sampling's (sampler, num_steps, spacing, eta,
-      clip_x0, guidance_scale, strength, resample).
+      clip_x0, use_clipped_model_output, guidance_scale, strength, resample).
 
   Returns:
     uint8 [N, H, W, C].

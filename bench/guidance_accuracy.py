@@ -33,6 +33,7 @@ flags.DEFINE_string('scales', '0,1,2,4', 'comma-separated guidance scales')
 flags.DEFINE_integer('per_class', 50, 'samples per digit and scale')
 flags.DEFINE_string('sampler', 'ddim', 'sampler name (diffusion.samplers.SAMPLERS)')
 flags.DEFINE_integer('num_steps', 50, 'sampler steps')
+flags.DEFINE_bool('use_clipped_model_output', False, 'ddim: recompute eps from the clipped x0')
 flags.DEFINE_integer('seed', 0, 'sampling seed (the same noise at every scale)')
 flags.DEFINE_float('test_fraction', 0.25, 'share of the real digits held out from the classifier')
 FLAGS = flags.FLAGS
@@ -84,6 +85,7 @@ def main(argv):
   config.sampling.sampler = FLAGS.sampler
   config.sampling.num_steps = FLAGS.num_steps
   config.sampling.class_label = -1  # sample i asks for digit i % num_classes
+  config.sampling.use_clipped_model_output = FLAGS.use_clipped_model_output
   config_lib.validate(config, num_devices=jax.device_count())
 
   t0 = time.time()
@@ -111,7 +113,8 @@ def main(argv):
     # The first 10 of each digit, one digit per column, for a person to look at.
     rows_idx = np.stack([np.flatnonzero(asked == c)[:10] for c in range(k)], axis=1).reshape(-1)
     sample_lib.write_grid(os.path.join(FLAGS.workdir, 'samples', f'guidance_{FLAGS.sampler}'
-                                       f'{FLAGS.num_steps}_w{w:g}.png'), out[rows_idx], ncol=k)
+                                       f'{FLAGS.num_steps}{"_clipped_eps" if FLAGS.use_clipped_model_output else ""}'
+                                       f'_w{w:g}.png'), out[rows_idx], ncol=k)
     pred = clf.predict(out.reshape(n, -1) / 255.0)
     per_class = [float(np.mean(pred[asked == c] == c)) for c in range(k)]
     evals = samplers.num_model_evals(FLAGS.sampler, FLAGS.num_steps)
@@ -121,7 +124,8 @@ def main(argv):
                  'seconds': seconds})
     logging.info('w=%g: accuracy %.3f (%.0f s)', w, rows[-1]['accuracy'], seconds)
 
-  print(f'\ncheckpoint step {step}, {FLAGS.sampler} {FLAGS.num_steps} steps, {n} samples per '
+  tag = '_clipped_eps' if FLAGS.use_clipped_model_output else ''
+  print(f'\ncheckpoint step {step}, {FLAGS.sampler} {FLAGS.num_steps} steps{tag}, {n} samples per '
         f'scale ({FLAGS.per_class} per digit), classifier held-out accuracy {held_out:.3f}\n')
   print('| guidance scale w | accuracy of the requested digit | worst digit | '
         'U-Net evals / sample |')
@@ -132,8 +136,9 @@ def main(argv):
           f"({r['per_class'][worst]:.2f}) | {r['network_evals_per_sample']} |")
   record = {'config': FLAGS.config, 'checkpoint_step': step, 'train_seconds': train_s,
             'classifier_held_out_accuracy': held_out, 'sampler': FLAGS.sampler,
-            'num_steps': FLAGS.num_steps, 'rows': rows}
-  name = f'guidance_accuracy_{FLAGS.sampler}{FLAGS.num_steps}.json'
+            'num_steps': FLAGS.num_steps,
+            'use_clipped_model_output': FLAGS.use_clipped_model_output, 'rows': rows}
+  name = f'guidance_accuracy_{FLAGS.sampler}{FLAGS.num_steps}{tag}.json'
   with open(os.path.join(FLAGS.workdir, name), 'w') as f:
     json.dump(record, f, indent=1)
 

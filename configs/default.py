@@ -89,6 +89,9 @@ def get_config():
   sampling.spacing = 'leading'  # timestep spacing: 'leading' | 'trailing'
   sampling.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like
   sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] at each step
+  # ddim: recompute eps from the clipped x0 (diffusers' use_clipped_model_output); helps at high
+  # guidance scales, where the raw eps overshoots. False = diffusers' default.
+  sampling.use_clipped_model_output = False
   sampling.num_samples = 64  # images to generate in --mode sample
   sampling.batch_size = 64  # global sampling batch (split over devices)
   sampling.seed = 0  # sampling noise seed

@@ -73,6 +73,12 @@ def _maybe_clip(x0, clip_x0: bool):
   return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
 
+def _step_terms(schedule, x_t, model_out, t, t_prev, prediction, clip_x0):
+  """abar_t, abar_{t_prev}, the (clipped) x0 and the eps implied by the raw model output."""
+  x0, eps = process.predict_x0_eps(schedule, x_t, t, model_out, prediction)
+  return _abar(schedule, t, x_t), _abar(schedule, t_prev, x_t), _maybe_clip(x0, clip_x0), eps
+
+
 def ddpm_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t_prev, *,
               prediction: str = 'eps', clip_x0: bool = True, noise) -> jnp.ndarray:
   """One ancestral step x_t -> x_{t_prev} (diffusers' DDPMScheduler.step, 'fixed_small').
@@ -96,14 +102,11 @@ def ddpm_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t
   Returns:
     x_{t_prev}, x_t's shape and dtype.
   """
-  a_t = _abar(schedule, t, x_t)
-  a_prev = _abar(schedule, t_prev, x_t)
+  a_t, a_prev, x0, _ = _step_terms(schedule, x_t, model_out, t, t_prev, prediction, clip_x0)
   b_t = 1 - a_t
   b_prev = 1 - a_prev
   cur_alpha = a_t / a_prev
   cur_beta = 1 - cur_alpha
-  x0, _ = process.predict_x0_eps(schedule, x_t, t, model_out, prediction)
-  x0 = _maybe_clip(x0, clip_x0)
   mean = (a_prev ** 0.5 * cur_beta) / b_t * x0 + cur_alpha ** 0.5 * b_prev / b_t * x_t
   if noise is None:
     return mean.astype(x_t.dtype)
@@ -114,12 +117,15 @@ def ddpm_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t
 
 def ddim_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t_prev, *,
               eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = False,
+              use_clipped_model_output: bool = False,
               noise: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """One DDIM step x_t -> x_{t_prev} (diffusers' DDIMScheduler.step).
 
   x_prev = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z, with
-  sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'), abar' = 1 at t_prev = -1. eps
-  is the one implied by the model output, not recomputed from the clipped x0.
+  sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'), abar' = 1 at t_prev = -1. By
+  default eps is the one implied by the model output, not recomputed from the clipped x0, as in
+  diffusers; `use_clipped_model_output` recomputes it, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar),
+  which keeps the step consistent when clipping bites (strong classifier-free guidance).
 
   Args:
     schedule: the noise schedule.
@@ -130,6 +136,7 @@ def ddim_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t
     eta: 0 = deterministic (the probability-flow ODE's DDIM discretization); 1 = DDPM's variance.
     prediction: what model_out is: 'eps' | 'x0' | 'v'.
     clip_x0: clip the predicted x0 to [-1, 1].
+    use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option of that name).
     noise: N(0, I) of x_t's shape; required when eta > 0.
 
   Returns:
@@ -137,12 +144,11 @@ def ddim_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t
   """
   if noise is None and not (isinstance(eta, (int, float)) and eta == 0):
     raise ValueError('ddim_step needs noise when eta != 0')
-  a_t = _abar(schedule, t, x_t)
-  a_prev = _abar(schedule, t_prev, x_t)
+  a_t, a_prev, x0, eps = _step_terms(schedule, x_t, model_out, t, t_prev, prediction, clip_x0)
   b_t = 1 - a_t
   b_prev = 1 - a_prev
-  x0, eps = process.predict_x0_eps(schedule, x_t, t, model_out, prediction)
-  x0 = _maybe_clip(x0, clip_x0)
+  if use_clipped_model_output:
+    eps = (x_t - a_t ** 0.5 * x0) / b_t ** 0.5
   var = (b_prev / b_t) * (1 - a_t / a_prev)
   std = eta * var ** 0.5
   # Rounding can push 1 - abar' - sigma^2 a hair below 0 at eta = 1.
@@ -160,6 +166,7 @@ class Options(NamedTuple):
   prediction: str = 'eps'
   clip_x0: bool = True
   eta: float = 0.0
+  use_clipped_model_output: bool = False
 
 
 def _call(model_fn: ModelFn, x, t):
@@ -197,7 +204,8 @@ def _ddim(schedule, model_fn, x, t, t_prev, state, key, opts):
   out = _call(model_fn, x, t)
   noise = jax.random.normal(key, x.shape, x.dtype) if opts.eta != 0 else None
   return ddim_step(schedule, x, out, t, t_prev, eta=opts.eta, prediction=opts.prediction,
-                   clip_x0=opts.clip_x0, noise=noise), state
+                   clip_x0=opts.clip_x0,
+                   use_clipped_model_output=opts.use_clipped_model_output, noise=noise), state
 
 
 def _dpm_solver_pp_2m_init(x):
@@ -331,7 +339,7 @@ def num_model_evals(sampler: str, num_steps: int, *, strength: Optional[float] =
 def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.Array, *,
            sampler: str = 'ddpm', num_steps: int = 1000, spacing: str = 'leading',
            eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
-           strength: Optional[float] = None,
+           use_clipped_model_output: bool = False, strength: Optional[float] = None,
            inpaint: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None,
            resample: int = 1) -> jnp.ndarray:
   """Generates samples with the named sampler in one lax.scan over its steps.
@@ -350,6 +358,8 @@ def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.
     eta: DDIM stochasticity (ddim only).
     prediction: what model_fn predicts: 'eps' | 'x0' | 'v'.
     clip_x0: clip each predicted x0 to [-1, 1].
+    use_clipped_model_output: ddim only: recompute eps from the clipped x0 (see ddim_step). The
+      other samplers step with x0 alone, so clipping already reaches all of their update.
     strength: SDEdit (img2img): in [0, 1]; run the last int(n * strength) steps starting from
       x_init noised by q_sample to the first of them. 0 returns x_init unchanged.
     inpaint: (known [B, ...], mask of x's shape or broadcastable, 1 = known). After every step the
@@ -362,7 +372,8 @@ def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.
     x0 samples, x_init's shape and dtype.
   """
   spec = _get(sampler)
-  opts = Options(prediction=prediction, clip_x0=clip_x0, eta=eta)
+  opts = Options(prediction=prediction, clip_x0=clip_x0, eta=eta,
+                 use_clipped_model_output=use_clipped_model_output)
   big_t = schedule.num_timesteps
   ts, ts_prev = schedule_steps(sampler, big_t, num_steps, spacing, strength)
   if len(ts) == 0:

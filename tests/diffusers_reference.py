@@ -123,7 +123,7 @@ class DDPM(_Base):
 class DDIM(_Base):
   """DDIMScheduler with set_alpha_to_one=True, steps_offset=0."""
 
-  def step(self, out, t, sample, eta=0.0, noise=None):
+  def step(self, out, t, sample, eta=0.0, noise=None, use_clipped_model_output=False):
     prev_t = t - self.num_train_timesteps // self.num_inference_steps
     a_t = self.alphas_cumprod[t]
     a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
@@ -131,6 +131,8 @@ class DDIM(_Base):
     x0, eps = self._x0_eps(out, a_t, sample)
     if self.clip_sample:
       x0 = np.clip(x0, F32(-1), F32(1))
+    if use_clipped_model_output:
+      eps = (sample - a_t ** F32(0.5) * x0) / b_t ** F32(0.5)
     var = ((F32(1) - a_prev) / b_t) * (F32(1) - a_t / a_prev)
     std = F32(eta) * var ** F32(0.5)
     direction = (F32(1) - a_prev - std ** 2) ** F32(0.5) * eps

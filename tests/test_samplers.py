@@ -158,7 +158,7 @@ def test_ddpm_step_matches_diffusers(sched, prediction, clip):
 def test_ddim_step_matches_diffusers(sched, prediction, eta):
   s = schedules.get_schedule(sched, T)
   rng = np.random.default_rng(1)
-  for clip in (True, False):
+  for clip, recompute in ((True, False), (False, False), (True, True)):
     for spacing, n in CHAINS:
       r = ref.DDIM(beta_schedule=SCHED_NAMES[sched], prediction_type=PRED_NAMES[prediction],
                    clip_sample=clip, timestep_spacing=spacing,
@@ -173,8 +173,10 @@ def test_ddim_step_matches_diffusers(sched, prediction, eta):
       z = rng.standard_normal(shape).astype(np.float32)
       got = samplers.ddim_step(s, jnp.asarray(x), jnp.asarray(out), jnp.asarray(ts),
                                jnp.asarray(prev), eta=eta, prediction=prediction, clip_x0=clip,
+                               use_clipped_model_output=recompute,
                                noise=jnp.asarray(z) if eta else None)
-      want = np.stack([r.step(out[i], int(t), x[i], eta=eta, noise=z[i]) for i, t in enumerate(ts)])
+      want = np.stack([r.step(out[i], int(t), x[i], eta=eta, noise=z[i],
+                              use_clipped_model_output=recompute) for i, t in enumerate(ts)])
       assert_f32_close(got, want)
 
 
