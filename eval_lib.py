@@ -56,7 +56,8 @@ def reference_stats(config, *, recompute=False, params=None):
 
 def score(images_uint8, ref, params, *, batch_size=256, with_logits=False):
   """FID and KID of uint8 images [N, H, W, C] against reference stats (from `reference_stats`)."""
-  out = fid_lib.compute_features(params, images_uint8, batch_size, with_logits=with_logits)
+  out = fid_lib.compute_features_all_processes(params, images_uint8, batch_size,
+                                              with_logits=with_logits)
   feats, logits = out if with_logits else (out, None)
   mu, sigma = metrics.statistics(feats)
   result = {'fid': metrics.fid(mu, sigma, ref['mu'], ref['sigma']), 'num_samples': len(feats)}
@@ -74,20 +75,30 @@ def bits_per_dim(config, model, schedule, params, num_examples, seed=0):
                             process_index=0, process_count=1, shuffle=False, repeat=False,
                             drop_remainder=False)
 
+  from train_lib import model_kwargs  # pylint: disable=g-import-not-at-top
+
   @jax.jit
-  def bpd(x0, y, rng):
-    kwargs = {'y': y} if config.model.num_classes > 0 else {}
+  def bpd(batch, rng):
+    # The true label and the low-res image condition the bound (no label dropout).
+    kwargs = model_kwargs(config, batch, None, train=False)
     model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, train=False, **kwargs)
-    return losses.bits_per_dim(schedule, model_fn, x0, rng, prediction=config.diffusion.prediction)
+    return losses.bits_per_dim(schedule, model_fn, batch['image'], rng,
+                               prediction=config.diffusion.prediction)
 
   values, seen = [], 0
   for i, batch in enumerate(ds):
-    values.append(np.asarray(bpd(batch['image'], batch['label'],
-                                 jax.random.fold_in(jax.random.PRNGKey(seed), i))))
+    values.append(np.asarray(bpd(batch, jax.random.fold_in(jax.random.PRNGKey(seed), i))))
     seen += len(batch['image'])
     if seen >= num_examples:
       break
   return float(np.concatenate(values)[:num_examples].mean())
+
+
+def _generate(config, model, schedule, params, n):
+  """n uint8 samples; an upsampler is conditioned on the low-res images of the first n examples."""
+  cond = sample_lib.dataset_condition(config, n) if config.model.cond_channels > 0 else None
+  return sample_lib.generate(config, model, schedule, params, n, seed=config.sampling.seed,
+                             cond=cond)
 
 
 def _write(workdir, record):
@@ -106,12 +117,11 @@ def run_eval_mode(config, workdir):
   module, inception_params = inception.load(ev.inception_weights)
   ref = reference_stats(config, params=inception_params)
   t0 = time.time()
-  images = sample_lib.generate(config, model, schedule, params, ev.num_samples, seed=s.seed)
+  images = _generate(config, model, schedule, params, ev.num_samples)
   gen_s = time.time() - t0
-  result = {}
-  if jax.process_index() == 0:
-    result = score(images, ref, inception_params, batch_size=ev.batch_size,
-                   with_logits=module.num_classes > 0)
+  # Every process embeds its share of the samples; the metrics are computed from all of them.
+  result = score(images, ref, inception_params, batch_size=ev.batch_size,
+                 with_logits=module.num_classes > 0)
   if ev.bpd_num_examples > 0:
     result['bits_per_dim'] = bits_per_dim(config, model, schedule, params, ev.bpd_num_examples)
   record = {'mode': 'eval', 'step': step, 'sampler': s.sampler, 'num_steps': s.num_steps,
@@ -134,8 +144,7 @@ class InLoopEvaluator:
 
   def __call__(self, model, schedule, ema_params, step):
     n = self.config.training.eval_num_samples
-    images = sample_lib.generate(self.config, model, schedule, ema_params, n,
-                                 seed=self.config.sampling.seed)
+    images = _generate(self.config, model, schedule, ema_params, n)
     result = score(images, self.ref, self.params, batch_size=self.config.eval.batch_size)
     # Labelled with N: FID from few samples is biased upward, comparable only at equal N.
     return {f'fid_n{n}': result['fid'], f'kid_n{n}': result.get('kid', float('nan'))}

@@ -87,6 +87,45 @@ def compute_features(params, images, batch_size=256, *, with_logits=False, shard
   return (feats, np.concatenate(logits)) if with_logits else feats
 
 
+def process_rows(n, process_index, process_count):
+  """This process's share of n rows: (start, stop); every share has ceil(n / P) rows or fewer."""
+  per = -(-n // process_count)
+  return min(n, process_index * per), min(n, (process_index + 1) * per)
+
+
+def local_sharding(batch_size):
+  """Splits an Inception batch over this process's devices when it divides evenly, else None."""
+  devices = jax.local_devices()
+  if len(devices) == 1 or batch_size % len(devices):
+    return None
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+
+def compute_features_all_processes(params, images, batch_size=256, *, with_logits=False):
+  """`compute_features` of uint8 images [N, ...] held whole by every process, work split.
+
+  Process p embeds its contiguous share of the rows on its own devices; the shares are then
+  gathered (jax.experimental.multihost_utils.process_allgather), so every process returns all N
+  rows in order. Shares are padded to equal length for the gather and trimmed after it.
+  """
+  images = np.asarray(images)
+  n, count = len(images), jax.process_count()
+  start, stop = process_rows(n, jax.process_index(), count)
+  per = -(-n // count)
+  mine = images[start:stop]
+  if len(mine) < per:  # the last shares may be short or empty; pad with copies of row 0
+    mine = np.concatenate([mine, np.repeat(images[:1], per - len(mine), 0)])
+  out = compute_features(params, mine, batch_size, with_logits=with_logits,
+                         sharding=local_sharding(batch_size))
+  if count == 1:
+    return out
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(out, tiled=True)
+  trim = lambda a: np.asarray(a)[:n]
+  return tuple(map(trim, gathered)) if with_logits else trim(gathered)
+
+
 def save_stats(path, mu, sigma, features=None, logits=None, num_images=None):
   """Writes a statistics .npz atomically (a reader never sees half a file).
 

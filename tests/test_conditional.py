@@ -56,8 +56,8 @@ def runs(tmp_path_factory):
           'base': (_config_file(root / 'base_config.py', _BASE), str(root / 'base'))}
 
 
-def _sample(config, workdir, *overrides):
-  argv = ['main.py', f'--config={config}', f'--workdir={workdir}', '--mode=sample', *overrides]
+def _sample(config, workdir, *overrides, mode='sample'):
+  argv = ['main.py', f'--config={config}', f'--workdir={workdir}', f'--mode={mode}', *overrides]
   shutil.rmtree(os.path.join(workdir, 'samples'), ignore_errors=True)  # only this call's files
   saved = sys.argv
   sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
@@ -147,6 +147,27 @@ def test_cascade_base_then_upsampler(runs):
   assert npz['base'].shape == (8, 8, 8, 1)  # the base model's resolution
   assert npz['images'].shape == (8, 16, 16, 1)  # the upsampler's: data.image_size
   np.testing.assert_array_equal(npz['labels'], 3)
+
+
+def test_eval_mode_on_the_upsampler(runs, tmp_path):
+  """--mode eval on a class- and image-conditional model: samples conditioned on the dataset's
+  low-res images, FID/KID against statistics of 4 real images, bits/dim, one metrics.jsonl row."""
+  import data as data_lib  # pylint: disable=g-import-not-at-top
+  from evaluation import fid  # pylint: disable=g-import-not-at-top
+  config, workdir = runs['model']
+  real = next(data_lib.get_dataset(tiny_config(**_MODEL), batch_size=4, process_index=0,
+                                   process_count=1, shuffle=False, uint8=True))['image']
+  stats = str(tmp_path / 'stats.npz')
+  fid.reference_statistics(lambda: [real], stats, batch_size=8)
+  _sample(config, workdir, '--config.eval.num_samples=4', '--config.eval.batch_size=8',
+          f'--config.eval.reference_stats={stats}', '--config.eval.bpd_num_examples=4',
+          mode='eval')
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    record = [json.loads(line) for line in f if '"mode": "eval"' in line][-1]
+  assert record['num_samples'] == 4 and record['guidance_scale'] == 1.0
+  assert np.isfinite(record['fid']) and record['fid'] > 0
+  assert np.isfinite(record['kid'])
+  assert 0 < record['bits_per_dim'] < 20
 
 
 def test_missing_input_file_is_a_one_line_error(runs, tmp_path, capsys):

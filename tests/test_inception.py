@@ -79,6 +79,37 @@ def test_reference_statistics_sharded_every_example_once(model_and_params, refer
   np.testing.assert_array_equal(again['mu'], stats['mu'])
 
 
+def test_process_rows_cover_every_row_once():
+  for n in (1, 3, 7, 8):
+    for count in (1, 2, 3, 8):
+      rows = [range(*fid.process_rows(n, p, count)) for p in range(count)]
+      assert [r for share in rows for r in share] == list(range(n))
+      assert max(len(share) for share in rows) == -(-n // count)
+
+
+def test_features_split_over_two_processes_and_gathered(model_and_params, reference,
+                                                        monkeypatch):
+  """3 images over 2 simulated processes: shares of 2 and 1 (+1 padding row), each embedded
+  on 8 local devices, gathered in order and trimmed: the torch reference's 3 rows."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  _, params = model_and_params
+  images, want = reference
+  shares = []
+
+  def fake_allgather(x, tiled):
+    assert tiled and len(x) == 2  # both shares padded to ceil(3 / 2) rows
+    shares.append(np.asarray(x))
+    return np.concatenate(shares)  # process 1 runs second: [share 0; share 1]
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', fake_allgather)
+  for p in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda p=p: p)
+    got = fid.compute_features_all_processes(params, images[:3], batch_size=8)
+  assert got.shape == (3, inception.FEATURE_DIM)
+  assert check_against_torch.relative_errors(got, want[:3]).max() < TOL
+
+
 def _legacy_resize_loop(image, size):
   """Independent scalar TF1 legacy bilinear resize: src = dst * in / out, edge-clamped."""
   h, w, c = image.shape
