@@ -36,6 +36,8 @@ flags.DEFINE_integer('checkpoint_step', -1, 'checkpoint to sample (-1 = latest)'
 flags.DEFINE_integer('reference_images', 0, 'use only the first N dataset images as the FID '
                      'reference (smoke runs; 0 = the whole split, cached once)')
 flags.DEFINE_string('out', '', 'also write the markdown table to this file')
+flags.DEFINE_bool('real_row', True, 'add a row scoring --num_samples real images drawn from the '
+                  'dataset (shuffled): the FID a perfect sampler would get at this N')
 FLAGS = flags.FLAGS
 
 
@@ -96,6 +98,15 @@ def main(argv):
 
   guided = config.model.num_classes > 0 and config.sampling.guidance_scale not in (0.0, 1.0)
   rows = []
+  if FLAGS.real_row:
+    real = next(data_lib.get_dataset(config, batch_size=FLAGS.num_samples, process_index=0,
+                                     process_count=1, shuffle=True, repeat=True,
+                                     seed=FLAGS.seed, uint8=True, augment=False))['image']
+    result = eval_lib.score(real, ref, inception_params, batch_size=ibs)
+    rows.append({'sampler': 'real data', 'steps': 0, 'model_evals': 0,
+                 'fid': float(result['fid']), 'kid': float(result.get('kid', float('nan'))),
+                 'num_samples': FLAGS.num_samples, 'generate_seconds': 0.0})
+    print(json.dumps(rows[-1]), flush=True)
   for name, steps in grid:
     t0 = time.time()
     images = sample_lib.generate(config, model, schedule, params, FLAGS.num_samples,
@@ -120,6 +131,10 @@ def main(argv):
            '| sampler | steps | model evaluations | FID | KID | seconds to generate |',
            '|---|---|---|---|---|---|']
   for r in rows:
+    if r['sampler'] == 'real data':
+      lines.append(f"| real images (no sampler; the floor at this N) | - | - | {r['fid']:.2f} | "
+                   f"{r['kid']:.4f} | - |")
+      continue
     lines.append(f"| {r['sampler']} | {r['steps']} | {r['model_evals']} | {r['fid']:.2f} | "
                  f"{r['kid']:.4f} | {r['generate_seconds']:.0f} |")
   by_key = {(r['sampler'], r['steps']): r['fid'] for r in rows}
