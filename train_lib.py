@@ -132,13 +132,16 @@ def make_train_step(config, model, schedule, tx):
   return train_step
 
 
-def make_multi_step(train_step, k):
-  """k train steps in one compiled call: batches carry a leading axis of k."""
+def make_multi_step(train_step, k, unroll=1):
+  """k train steps in one compiled call: batches carry a leading axis of k.
+
+  `unroll` is lax.scan's: 1 keeps a loop of k iterations, k writes the k steps out in full.
+  """
   if k == 1:
     return train_step
 
   def multi_step(state, batches):
-    state, metrics = jax.lax.scan(train_step, state, batches)
+    state, metrics = jax.lax.scan(train_step, state, batches, unroll=unroll)
     streak = metrics['nonfinite_streak'].max()  # worst streak inside the k steps
     metrics = jax.tree.map(jnp.mean, metrics)
     metrics['nonfinite_streak'] = streak
@@ -154,7 +157,11 @@ def make_mesh():
 def compile_train_step(config, model, schedule, tx, mesh):
   """jit with explicit shardings: state replicated and donated, batch split on 'data'."""
   k = config.training.steps_per_dispatch
-  step = make_multi_step(make_train_step(config, model, schedule, tx), k)
+  # XLA:CPU runs this step ~9x slower inside a while loop than outside one (digits U-Net,
+  # bench/RESULTS.md; cf. jax-ml/jax#12868), so on the CPU the k steps are written out in full:
+  # no loop, at k times the compile time. Accelerators keep the loop.
+  unroll = k if jax.default_backend() == 'cpu' else 1
+  step = make_multi_step(make_train_step(config, model, schedule, tx), k, unroll)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P('data') if k == 1 else P(None, 'data'))
   return jax.jit(step, in_shardings=(replicated, batch_sharding),

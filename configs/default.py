@@ -77,7 +77,9 @@ def get_config():
   training.num_grid_samples = 64  # images in a training-time grid
   training.ema_rate = 0.9999  # EMA decay of the parameters used for sampling
   training.label_dropout = 0.1  # class-conditional only: drop labels for classifier-free guidance
-  training.steps_per_dispatch = 1  # train steps fused into one compiled call (lax.scan)
+  # train steps fused into one compiled call (lax.scan; unrolled on the CPU, where XLA runs the
+  # step much slower inside a loop: compile time grows with it there)
+  training.steps_per_dispatch = 1
   training.max_nonfinite_steps = 10  # stop after this many consecutive non-finite updates
   training.eval_every = 0  # in-loop FID every N steps (0 = never)
   training.eval_num_samples = 1000  # samples for the in-loop FID (small N biases FID upward)
