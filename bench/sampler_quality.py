@@ -36,6 +36,8 @@ flags.DEFINE_integer('checkpoint_step', -1, 'checkpoint to sample (-1 = latest)'
 flags.DEFINE_integer('reference_images', 0, 'use only the first N dataset images as the FID '
                      'reference (smoke runs; 0 = the whole split, cached once)')
 flags.DEFINE_string('out', '', 'also write the markdown table to this file')
+flags.DEFINE_bool('use_clipped_model_output', False, 'ddim rows: recompute eps from the '
+                  'clipped x0 (the other samplers do not use eps)')
 flags.DEFINE_bool('real_row', True, 'add a row scoring --num_samples real images drawn from the '
                   'dataset (shuffled): the FID a perfect sampler would get at this N')
 FLAGS = flags.FLAGS
@@ -110,14 +112,16 @@ def main(argv):
   for name, steps in grid:
     t0 = time.time()
     images = sample_lib.generate(config, model, schedule, params, FLAGS.num_samples,
-                                 seed=FLAGS.seed, sampler=name, num_steps=steps, spacing=spacing)
+                                 seed=FLAGS.seed, sampler=name, num_steps=steps, spacing=spacing,
+                                 use_clipped_model_output=FLAGS.use_clipped_model_output)
     gen_s = time.time() - t0
     result = eval_lib.score(images, ref, inception_params, batch_size=ibs)
     row = {'sampler': name, 'steps': steps,
            'model_evals': samplers.num_model_evals(name, steps) * (2 if guided else 1),
            'fid': float(result['fid']), 'kid': float(result.get('kid', float('nan'))),
            'num_samples': FLAGS.num_samples, 'generate_seconds': gen_s,
-           'checkpoint_step': step, 'spacing': spacing, 'seed': FLAGS.seed}
+           'checkpoint_step': step, 'spacing': spacing, 'seed': FLAGS.seed,
+           'use_clipped_model_output': FLAGS.use_clipped_model_output}
     rows.append(row)
     print(json.dumps(row), flush=True)
     with open(os.path.join(FLAGS.workdir, 'sampler_quality.jsonl'), 'a') as f:
