@@ -16,7 +16,11 @@ per-round ratios is the figure to quote.
   python bench/peer_compare.py --peer-python /work/torchvenv/bin/python --modes train \
       --batch 8 32 --rounds 5 --steps 2
 
-Prints one markdown table: img/s of each (medians over rounds) and the ratio ours / peer.
+  python bench/peer_compare.py --gpu --modes train --batch 128   # on a GPU: both in bfloat16
+
+Prints one markdown table: img/s of each (medians over rounds) and the ratio ours / peer. With
+--gpu (not yet run: no GPU has been lent) the peer is torch.compile'd, channels_last, under bf16
+autocast, and ours uses model.dtype=bfloat16; both keep float32 master weights.
 """
 
 import argparse
@@ -121,10 +125,13 @@ class TorchSide:
     torch.set_num_threads(threads)
 
   def setup(self, mode, batch, seed, warmup, extra_flags=None):
-    del extra_flags
     import diffusers  # pylint: disable=g-import-not-at-top
     torch = self.torch
     torch.manual_seed(seed)
+    # --gpu: CUDA, bf16 autocast (float32 master weights), channels_last and torch.compile, the
+    # fastest standard PyTorch setup for this model.
+    self.gpu = gpu = bool((extra_flags or {}).get('gpu'))
+    device = torch.device('cuda' if gpu else 'cpu')
     model = diffusers.UNet2DModel(
         sample_size=IMAGE_SIZE, in_channels=CHANNELS, out_channels=CHANNELS,
         block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -135,21 +142,31 @@ class TorchSide:
     params = [p for p in model.parameters()]
     self.params_count = sum(p.numel() for p in params)
     # NCHW, as the peer takes it; the same numbers as the JAX side's NHWC batch.
-    x0 = torch.from_numpy(_batch(batch, seed).transpose(0, 3, 1, 2).copy())
+    x0 = torch.from_numpy(_batch(batch, seed).transpose(0, 3, 1, 2).copy()).to(device)
+    net = model
+    if gpu:
+      model.to(device, memory_format=torch.channels_last)
+      params = [p for p in model.parameters()]
+      x0 = x0.contiguous(memory_format=torch.channels_last)
+      net = torch.compile(model)
+
+    def apply(x, t):
+      with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+        return net(x, t).sample.float()
     t0 = time.perf_counter()
     if mode == 'train':
       model.train()
       betas = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64)
-      abar = torch.cumprod(1 - betas, 0).float()
+      abar = torch.cumprod(1 - betas, 0).float().to(device)
       opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), eps=EPS, foreach=True)
       ema = [p.detach().clone() for p in params]
 
       def run():
-        t = torch.randint(0, NUM_TIMESTEPS, (batch,))
+        t = torch.randint(0, NUM_TIMESTEPS, (batch,), device=device)
         noise = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, noise)
+        loss = torch.nn.functional.mse_loss(apply(x_t, t), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -159,11 +176,14 @@ class TorchSide:
         return loss.item()
     else:
       model.eval()
-      t = torch.from_numpy(_batch_t(batch, seed + 1))
+      t = torch.from_numpy(_batch_t(batch, seed + 1)).to(device)
 
       def run():
         with torch.inference_mode():
-          return model(x0, t).sample
+          out = apply(x0, t)
+        if gpu:
+          torch.cuda.synchronize()
+        return out
     self.run_once = run
     for _ in range(warmup):
       run()
@@ -234,10 +254,12 @@ class Worker:
     self.proc.wait(timeout=60)
 
 
-def compare(ours, peer, mode, batch, rounds, steps, warmup, seed=0):
+def compare(ours, peer, mode, batch, rounds, steps, warmup, seed=0, gpu=False):
   """Alternating timed rounds; returns the row of figures for one (mode, batch)."""
-  info_o = ours.ask(cmd='setup', mode=mode, batch=batch, seed=seed, warmup=warmup)
-  info_p = peer.ask(cmd='setup', mode=mode, batch=batch, seed=seed, warmup=warmup)
+  info_o = ours.ask(cmd='setup', mode=mode, batch=batch, seed=seed, warmup=warmup,
+                    flags={'model.dtype': 'bfloat16'} if gpu else None)
+  info_p = peer.ask(cmd='setup', mode=mode, batch=batch, seed=seed, warmup=warmup,
+                    flags={'gpu': gpu})
   for name, info in (('ours', info_o), ('peer', info_p)):
     if info['params'] != PAPER_PARAMS:
       raise RuntimeError(f'{name} has {info["params"]:,} parameters, not {PAPER_PARAMS:,}')
@@ -273,6 +295,9 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=2, help='timed steps per worker per round')
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--gpu', action='store_true',
+                      help='both on the GPU in bfloat16: ours with model.dtype=bfloat16, the peer '
+                      'with CUDA, autocast, channels_last and torch.compile')
   args = parser.parse_args()
   if args.worker:
     worker_main(args.worker, args.threads)
@@ -284,7 +309,8 @@ def main():
   try:
     for mode in args.modes:
       for batch in args.batch:
-        rows.append(compare(ours, peer, mode, batch, args.rounds, args.steps, args.warmup))
+        rows.append(compare(ours, peer, mode, batch, args.rounds, args.steps, args.warmup,
+                            gpu=args.gpu))
   finally:
     ours.close()
     peer.close()
