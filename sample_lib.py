@@ -568,6 +568,11 @@ def run_sample_mode(config, workdir):
   step, params = restore_params(config, workdir, step=s.checkpoint_step, use_ema=s.use_ema,
                                 model=model)
   name = f'step_{step:07d}_{s.sampler}_{s.num_steps}steps_eta{s.eta:g}_seed{s.seed}'
+  # Non-default clipping changes the samples: keep such runs from overwriting the default's files.
+  if not s.clip_x0:
+    name += '_noclip'
+  if s.get('use_clipped_model_output', False):
+    name += '_clippedeps'
   if config.model.num_classes > 0:
     name += f'_w{s.guidance_scale:g}'
     if s.class_label >= 0:

@@ -38,6 +38,8 @@ flags.DEFINE_integer('reference_images', 0, 'use only the first N dataset images
 flags.DEFINE_string('out', '', 'also write the markdown table to this file')
 flags.DEFINE_bool('use_clipped_model_output', False, 'ddim rows: recompute eps from the '
                   'clipped x0 (the other samplers do not use eps)')
+flags.DEFINE_enum('clip_x0', '', ['', 'true', 'false'], "clip predicted x0 to [-1, 1] ('' = "
+                  "the config's sampling.clip_x0)")
 flags.DEFINE_bool('real_row', True, 'add a row scoring --num_samples real images drawn from the '
                   'dataset (shuffled): the FID a perfect sampler would get at this N')
 FLAGS = flags.FLAGS
@@ -80,6 +82,7 @@ def main(argv):
   if config.model.cond_channels > 0:
     raise app.UsageError('image-conditional models need condition images; not supported here')
   spacing = FLAGS.spacing or config.sampling.spacing
+  clip_x0 = config.sampling.clip_x0 if not FLAGS.clip_x0 else FLAGS.clip_x0 == 'true'
 
   model = models.create_model(config)
   schedule = train_lib.get_schedule(config)
@@ -113,7 +116,8 @@ def main(argv):
     t0 = time.time()
     images = sample_lib.generate(config, model, schedule, params, FLAGS.num_samples,
                                  seed=FLAGS.seed, sampler=name, num_steps=steps, spacing=spacing,
-                                 use_clipped_model_output=FLAGS.use_clipped_model_output)
+                                 use_clipped_model_output=FLAGS.use_clipped_model_output,
+                                 clip_x0=clip_x0)
     gen_s = time.time() - t0
     result = eval_lib.score(images, ref, inception_params, batch_size=ibs)
     row = {'sampler': name, 'steps': steps,
@@ -121,7 +125,7 @@ def main(argv):
            'fid': float(result['fid']), 'kid': float(result.get('kid', float('nan'))),
            'num_samples': FLAGS.num_samples, 'generate_seconds': gen_s,
            'checkpoint_step': step, 'spacing': spacing, 'seed': FLAGS.seed,
-           'use_clipped_model_output': FLAGS.use_clipped_model_output}
+           'use_clipped_model_output': FLAGS.use_clipped_model_output, 'clip_x0': clip_x0}
     rows.append(row)
     print(json.dumps(row), flush=True)
     with open(os.path.join(FLAGS.workdir, 'sampler_quality.jsonl'), 'a') as f:

@@ -170,6 +170,14 @@ def test_eval_mode_on_the_upsampler(runs, tmp_path):
   assert 0 < record['bits_per_dim'] < 20
 
 
+def test_non_default_clipping_gets_its_own_file_names(runs):
+  config, workdir = runs['model']
+  files = _sample(config, workdir, '--config.sampling.clip_x0=False')
+  assert any('_noclip' in name for name in files), files
+  files = _sample(config, workdir, '--config.sampling.use_clipped_model_output=True')
+  assert any('_clippedeps' in name for name in files), files
+
+
 def test_missing_input_file_is_a_one_line_error(runs, tmp_path, capsys):
   config, workdir = runs['model']
   with pytest.raises(SystemExit) as e:
