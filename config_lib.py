@@ -58,6 +58,11 @@ def _leaf_paths(config, prefix=''):
   return out
 
 
+def _did_you_mean(path, known):
+  close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+  return f" Did you mean '{close[0]}'?" if close else ''
+
+
 def check_overrides(config, argv):
   """Fails on `--config.a.b=...` overrides whose field does not exist in `config`."""
   known = _leaf_paths(config)
@@ -72,9 +77,7 @@ def check_overrides(config, argv):
     if path in groups:
       raise ConfigError(f'--config.{path} names a group, not a field; set one of its fields, '
                         f'e.g. --config.{next(p for p in known if p.startswith(path + "."))}=...')
-    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else ''
-    raise ConfigError(f"unknown config field '{path}' (from {arg!r}).{hint} "
+    raise ConfigError(f"unknown config field '{path}' (from {arg!r}).{_did_you_mean(path, known)} "
                       f'Every field is listed, with its meaning, in configs/default.py.')
 
 
@@ -86,9 +89,7 @@ def set_field(config, path, value):
   """
   known = _leaf_paths(config)
   if path not in known:
-    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else ''
-    raise ConfigError(f"unknown config field '{path}'.{hint}")
+    raise ConfigError(f"unknown config field '{path}'.{_did_you_mean(path, known)}")
   group, _, leaf = path.rpartition('.')
   node = _get(config, group) if group else config
   if isinstance(value, str) and not isinstance(node[leaf], str):

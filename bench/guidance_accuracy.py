@@ -105,6 +105,7 @@ def main(argv):
   n = FLAGS.per_class * k
   asked = np.arange(n) % k
   rows = []
+  tag = '_clipped_eps' if FLAGS.use_clipped_model_output else ''
   for w in [float(s) for s in FLAGS.scales.split(',')]:
     t1 = time.time()
     out = sample_lib.generate(config, model, schedule, params, n, seed=FLAGS.seed,
@@ -113,8 +114,7 @@ def main(argv):
     # The first 10 of each digit, one digit per column, for a person to look at.
     rows_idx = np.stack([np.flatnonzero(asked == c)[:10] for c in range(k)], axis=1).reshape(-1)
     sample_lib.write_grid(os.path.join(FLAGS.workdir, 'samples', f'guidance_{FLAGS.sampler}'
-                                       f'{FLAGS.num_steps}{"_clipped_eps" if FLAGS.use_clipped_model_output else ""}'
-                                       f'_w{w:g}.png'), out[rows_idx], ncol=k)
+                                       f'{FLAGS.num_steps}{tag}_w{w:g}.png'), out[rows_idx], ncol=k)
     pred = clf.predict(out.reshape(n, -1) / 255.0)
     per_class = [float(np.mean(pred[asked == c] == c)) for c in range(k)]
     evals = samplers.num_model_evals(FLAGS.sampler, FLAGS.num_steps)
@@ -124,7 +124,6 @@ def main(argv):
                  'seconds': seconds})
     logging.info('w=%g: accuracy %.3f (%.0f s)', w, rows[-1]['accuracy'], seconds)
 
-  tag = '_clipped_eps' if FLAGS.use_clipped_model_output else ''
   print(f'\ncheckpoint step {step}, {FLAGS.sampler} {FLAGS.num_steps} steps{tag}, {n} samples per '
         f'scale ({FLAGS.per_class} per digit), classifier held-out accuracy {held_out:.3f}\n')
   print('| guidance scale w | accuracy of the requested digit | worst digit | '
