@@ -571,7 +571,7 @@ def run_sample_mode(config, workdir):
   # Non-default clipping changes the samples: keep such runs from overwriting the default's files.
   if not s.clip_x0:
     name += '_noclip'
-  if s.get('use_clipped_model_output', False):
+  if sampler_options(config)['use_clipped_model_output']:
     name += '_clippedeps'
   if config.model.num_classes > 0:
     name += f'_w{s.guidance_scale:g}'
