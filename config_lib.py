@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 # launch fails before jax, the model or the data are touched.
 SCHEDULES = ('linear', 'cosine')
 PREDICTIONS = ('eps', 'x0', 'v')
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver_pp_2m', 'heun')
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver_pp_2m', 'dpm_solver_pp_2m_sde', 'heun')
 SPACINGS = ('leading', 'trailing')
 OPTIMIZERS = ('adam', 'adamw')
 MODELS = ('unet',)

@@ -86,7 +86,8 @@ def get_config():
 
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddpm'  # 'ddpm' | 'ddim' | 'dpm_solver_pp_2m' | 'heun'
+  # 'ddpm' | 'ddim' | 'dpm_solver_pp_2m' | 'dpm_solver_pp_2m_sde' (its stochastic form) | 'heun'
+  sampling.sampler = 'ddpm'
   sampling.num_steps = 1000  # sampler steps (ddpm with < T steps = respaced chain)
   sampling.spacing = 'leading'  # timestep spacing: 'leading' | 'trailing'
   sampling.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like

@@ -8,6 +8,8 @@ Samplers (`SAMPLERS`):
   'ddpm'             ancestral sampling (Ho et al. 2020), respaced when num_steps < T.
   'ddim'             DDIM(eta) (Song et al. 2021); eta = 1 is DDPM on the same steps.
   'dpm_solver_pp_2m' DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep.
+  'dpm_solver_pp_2m_sde'  its stochastic form (diffusers' 'sde-dpmsolver++'): same steps, fresh
+                     noise at each, like the ancestral sampler.
   'heun'             EDM's second-order Heun ODE solver (Karras et al. 2022) on the model's grid.
 
 `ddpm_step` and `ddim_step` reproduce diffusers' DDPMScheduler.step (variance_type='fixed_small')
@@ -213,16 +215,20 @@ def _dpm_solver_pp_2m_init(x):
   return (jnp.zeros_like(x), jnp.asarray(-2, jnp.int32))
 
 
-def _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts):
+def _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts, sde=False):
   """DPM-Solver++(2M), midpoint form as in diffusers: first order at the first and last step.
 
   In log-SNR lambda = -log(sigma_edm), one step from s = t to t' = t_prev is
-  x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) (D0 + D1/2), h = lambda' - lambda, with
-  alpha = sqrt(abar), sigma = sqrt(1 - abar), D0 the current x0 prediction and
-  D1 = (D0 - D_prev) h / h_prev the finite difference with the previous step's one (0 on first
-  order steps). e^{-h} = sigma_edm' / sigma_edm stays finite when t' is the clean end.
+    ODE: x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) (D0 + D1/2),
+    SDE: x' = (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) (D0 + D1/2)
+              + sigma' sqrt(1 - e^{-2h}) z,  z ~ N(0, I),
+  h = lambda' - lambda, with alpha = sqrt(abar), sigma = sqrt(1 - abar), D0 the current x0
+  prediction and D1 = (D0 - D_prev) h / h_prev the finite difference with the previous step's one
+  (0 on first order steps). The SDE form (Lu et al. 2022, diffusers' 'sde-dpmsolver++') solves
+  the reverse SDE instead of the probability-flow ODE: like the ancestral sampler, it injects
+  fresh noise at every step. e^{-h} = sigma_edm' / sigma_edm stays finite when t' is the clean
+  end, where both forms return D0.
   """
-  del key
   prev_x0, prev_t = state
   x0 = _x0_of(schedule, model_fn, x, t, opts)
   a_t, a_p = _abar(schedule, t, x), _abar(schedule, t_prev, x)
@@ -235,8 +241,19 @@ def _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts):
   h = jnp.log(s_t) - jnp.log(s_p_safe)
   h_prev = jnp.log(s_s1) - jnp.log(s_t)
   d1 = jnp.where(second, (x0 - prev_x0) * (h / jnp.where(second, h_prev, 1.0)), 0.0)
-  x_next = ((1 - a_p) / (1 - a_t)) ** 0.5 * x - a_p ** 0.5 * (exp_neg_h - 1) * (x0 + 0.5 * d1)
+  sigma_ratio = ((1 - a_p) / (1 - a_t)) ** 0.5
+  if sde:
+    one_minus = 1 - exp_neg_h ** 2
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    x_next = (sigma_ratio * exp_neg_h * x + a_p ** 0.5 * one_minus * (x0 + 0.5 * d1)
+              + (1 - a_p) ** 0.5 * one_minus ** 0.5 * noise)
+  else:
+    x_next = sigma_ratio * x - a_p ** 0.5 * (exp_neg_h - 1) * (x0 + 0.5 * d1)
   return x_next.astype(x.dtype), (x0, jnp.asarray(t, jnp.int32))
+
+
+def _dpm_solver_pp_2m_sde(schedule, model_fn, x, t, t_prev, state, key, opts):
+  return _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts, sde=True)
 
 
 def _heun(schedule, model_fn, x, t, t_prev, state, key, opts):
@@ -283,6 +300,7 @@ SAMPLERS: dict[str, Sampler] = {
     'ddpm': Sampler(_ddpm),
     'ddim': Sampler(_ddim, stride_prev=True),
     'dpm_solver_pp_2m': Sampler(_dpm_solver_pp_2m, init_state=_dpm_solver_pp_2m_init),
+    'dpm_solver_pp_2m_sde': Sampler(_dpm_solver_pp_2m_sde, init_state=_dpm_solver_pp_2m_init),
     'heun': Sampler(_heun, evals_per_step=2, evals_last_step=1),
 }
 

@@ -261,7 +261,7 @@ def test_all_samplers_accept_eps_x0_and_v_models():
   s = schedules.get_schedule('linear', T)
   x_init = normal(0, (2, 8, 8, 1))
   # ddpm and ddim steps are checked per prediction type against diffusers above.
-  names = ['dpm_solver_pp_2m', 'heun']
+  names = ['dpm_solver_pp_2m', 'dpm_solver_pp_2m_sde', 'heun']
 
   @jax.jit
   def run(x):
@@ -326,7 +326,8 @@ def _counting_model(schedule, calls):
   return model_fn
 
 
-@pytest.mark.parametrize('name', ['ddpm', 'ddim', 'dpm_solver_pp_2m', 'heun'])
+@pytest.mark.parametrize('name', ['ddpm', 'ddim', 'dpm_solver_pp_2m', 'dpm_solver_pp_2m_sde',
+                                  'heun'])
 def test_num_model_evals_counts_real_calls(name):
   s = schedules.get_schedule('linear', 100)
   x = jnp.zeros((1, 2))
@@ -345,7 +346,8 @@ def test_num_model_evals_counts_real_calls(name):
   ts = samplers.timesteps(100, 10)
   assert set(counts[1]) >= set(ts[5:].tolist())
   assert max(counts[1]) == ts[5]
-  expected = {'ddpm': 4, 'ddim': 4, 'dpm_solver_pp_2m': 4, 'heun': 7}[name]
+  expected = {'ddpm': 4, 'ddim': 4, 'dpm_solver_pp_2m': 4, 'dpm_solver_pp_2m_sde': 4,
+              'heun': 7}[name]
   assert samplers.num_model_evals(name, 4) == expected
 
 
@@ -417,3 +419,45 @@ def test_dpm_solver_pp_2m_matches_stored_diffusers_run():
                             clip_x0=False)
       want = ref[f'x0_{n}']
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_dpm_solver_pp_2m_sde_matches_stored_diffusers_run():
+  """The stochastic form against diffusers 0.42.1's 'sde-dpmsolver++' fed the same per-step noise
+  as our loop draws from PRNGKey(0) (tests/data/make_dpm_solver_sde_reference.py made the file)."""
+  path = os.path.join(os.path.dirname(__file__), 'data', 'dpm_solver_sde_reference.npz')
+  s = schedules.get_schedule('linear', 1000)
+  fn = lambda x, t: jnp.tanh(x) * (t[:, None, None, None] / 1000) + 0.1 * jnp.cos(3 * x)
+  with np.load(path) as ref:
+    for n in (20, 7):
+      np.testing.assert_array_equal(samplers.timesteps(1000, n, 'trailing'), ref[f'timesteps_{n}'])
+      got = samplers.sample(s, fn, jnp.asarray(ref['x_T']), jax.random.PRNGKey(0),
+                            sampler='dpm_solver_pp_2m_sde', num_steps=n, spacing='trailing',
+                            clip_x0=False)
+      want = ref[f'x0_{n}']
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+      # Not the ODE's answer: the noise matters.
+      ode = samplers.sample(s, fn, jnp.asarray(ref['x_T']), jax.random.PRNGKey(0),
+                            sampler='dpm_solver_pp_2m', num_steps=n, spacing='trailing',
+                            clip_x0=False)
+      assert float(jnp.abs(ode - want).max()) > 0.1
+
+
+def test_dpm_solver_pp_2m_sde_converges_in_distribution():
+  """The reverse SDE's samples have the data's mean and variance; fewer steps, larger error."""
+  s = schedules.get_schedule('linear', T)
+  x_init = normal(0, (8, 32, 32, 1))  # 8192 samples
+  steps = (5, 20, 500)
+
+  @jax.jit
+  def run(x):
+    return [samplers.sample(s, gaussian_oracle(s, 'eps'), x, key(1),
+                            sampler='dpm_solver_pp_2m_sde', num_steps=n, spacing='trailing',
+                            clip_x0=False) for n in steps]
+
+  var_err = []
+  for n, y in zip(steps, run(x_init)):
+    y = np.asarray(y, np.float64)
+    assert abs(y.mean() - MU) < 0.03, n
+    var_err.append(abs(y.var() - SD ** 2))
+  assert var_err[2] < 0.01  # the standard error of the variance of 8192 samples is ~0.004
+  assert var_err[0] > var_err[1] > var_err[2]
