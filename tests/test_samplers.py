@@ -343,7 +343,7 @@ def test_num_model_evals_counts_real_calls(name):
   for calls, kw in zip(counts, cases):
     assert len(calls) == samplers.num_model_evals(name, **kw), (kw, calls)
   # SDEdit at strength 0.5 visits the last int(10 * 0.5) = 5 listed timesteps.
-  ts = samplers.timesteps(100, 10)
+  ts, _ = samplers.schedule_steps(name, 100, 10)
   assert set(counts[1]) >= set(ts[5:].tolist())
   assert max(counts[1]) == ts[5]
   expected = {'ddpm': 4, 'ddim': 4, 'dpm_solver_pp_2m': 4, 'dpm_solver_pp_2m_sde': 4,
@@ -404,42 +404,27 @@ def test_unknown_sampler_raises():
     samplers.num_model_evals('euler', 10)
 
 
-def test_dpm_solver_pp_2m_matches_stored_diffusers_run():
-  """Whole chains against diffusers 0.42.1's DPMSolverMultistepScheduler (dpmsolver++, order 2,
-  trailing spacing, float32), stored in tests/data/dpm_solver_reference.npz by running diffusers
-  on a nonlinear stand-in network eps(x, t) = tanh(x) t / 1000 + 0.1 cos(3x)."""
+@pytest.mark.parametrize('spacing', ['trailing', 'leading'])
+def test_dpm_solver_pp_2m_ode_and_sde_match_stored_diffusers_runs(spacing):
+  """Whole chains against diffusers 0.42.1's DPMSolverMultistepScheduler (order 2, float32), ODE
+  ('dpmsolver++') and SDE ('sde-dpmsolver++', fed the per-step noise our loop draws from
+  PRNGKey(0)), on the stand-in network eps(x, t) = tanh(x) t / 1000 + 0.1 cos(3x); stored in
+  tests/data/dpm_solver_reference.npz by tests/data/make_dpm_solver_reference.py."""
   path = os.path.join(os.path.dirname(__file__), 'data', 'dpm_solver_reference.npz')
   s = schedules.get_schedule('linear', 1000)
   fn = lambda x, t: jnp.tanh(x) * (t[:, None, None, None] / 1000) + 0.1 * jnp.cos(3 * x)
   with np.load(path) as ref:
     for n in (20, 7):  # 7 does not divide 1000: uneven steps
-      np.testing.assert_array_equal(samplers.timesteps(1000, n, 'trailing'), ref[f'timesteps_{n}'])
-      got = samplers.sample(s, fn, jnp.asarray(ref['x_T']), jax.random.PRNGKey(0),
-                            sampler='dpm_solver_pp_2m', num_steps=n, spacing='trailing',
-                            clip_x0=False)
-      want = ref[f'x0_{n}']
-      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
-def test_dpm_solver_pp_2m_sde_matches_stored_diffusers_run():
-  """The stochastic form against diffusers 0.42.1's 'sde-dpmsolver++' fed the same per-step noise
-  as our loop draws from PRNGKey(0) (tests/data/make_dpm_solver_sde_reference.py made the file)."""
-  path = os.path.join(os.path.dirname(__file__), 'data', 'dpm_solver_sde_reference.npz')
-  s = schedules.get_schedule('linear', 1000)
-  fn = lambda x, t: jnp.tanh(x) * (t[:, None, None, None] / 1000) + 0.1 * jnp.cos(3 * x)
-  with np.load(path) as ref:
-    for n in (20, 7):
-      np.testing.assert_array_equal(samplers.timesteps(1000, n, 'trailing'), ref[f'timesteps_{n}'])
-      got = samplers.sample(s, fn, jnp.asarray(ref['x_T']), jax.random.PRNGKey(0),
-                            sampler='dpm_solver_pp_2m_sde', num_steps=n, spacing='trailing',
-                            clip_x0=False)
-      want = ref[f'x0_{n}']
-      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-      # Not the ODE's answer: the noise matters.
-      ode = samplers.sample(s, fn, jnp.asarray(ref['x_T']), jax.random.PRNGKey(0),
-                            sampler='dpm_solver_pp_2m', num_steps=n, spacing='trailing',
-                            clip_x0=False)
-      assert float(jnp.abs(ode - want).max()) > 0.1
+      for kind, name in (('ode', 'dpm_solver_pp_2m'), ('sde', 'dpm_solver_pp_2m_sde')):
+        ts, _ = samplers.schedule_steps(name, 1000, n, spacing)
+        np.testing.assert_array_equal(ts, ref[f'timesteps_{spacing}_{n}'])
+        got = samplers.sample(s, fn, jnp.asarray(ref['x_T']), jax.random.PRNGKey(0),
+                              sampler=name, num_steps=n, spacing=spacing, clip_x0=False)
+        want = ref[f'{kind}_{spacing}_{n}']
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
+                                   atol=1e-5 * np.abs(want).max(), err_msg=f'{kind} {n}')
+      # The SDE's noise matters: its chain ends far from the ODE's.
+      assert np.abs(ref[f'ode_{spacing}_{n}'] - ref[f'sde_{spacing}_{n}']).max() > 0.1
 
 
 def test_dpm_solver_pp_2m_sde_converges_in_distribution():
@@ -461,3 +446,21 @@ def test_dpm_solver_pp_2m_sde_converges_in_distribution():
     var_err.append(abs(y.var() - SD ** 2))
   assert var_err[2] < 0.01  # the standard error of the variance of 8192 samples is ~0.004
   assert var_err[0] > var_err[1] > var_err[2]
+
+
+def test_dpm_solver_leading_grid_converges_to_the_exact_flow():
+  """On 'leading' spacing the multistep solver uses diffusers' DPM grid (no t = 0 point): a
+  second-order step into t = 0 extrapolated the x0 trend ~4x and made it worse than DDIM."""
+  s = schedules.get_schedule('linear', T)
+  x_init = normal(0, (2, 16, 16, 1))
+  ts, _ = samplers.schedule_steps('dpm_solver_pp_2m', T, 20, 'leading')
+  np.testing.assert_array_equal(ts, np.arange(20, 0, -1) * (T // 21))
+  run = jax.jit(lambda x, name: samplers.sample(s, gaussian_oracle(s, 'eps'), x, key(1),
+                                                sampler=name, num_steps=20, spacing='leading',
+                                                clip_x0=False), static_argnums=1)
+  dpm = float(np.abs(np.asarray(run(x_init, 'dpm_solver_pp_2m'))
+                     - exact_flow(s, x_init, int(ts[0]))).max())
+  ddim_ts, _ = samplers.schedule_steps('ddim', T, 20, 'leading')
+  ddim = float(np.abs(np.asarray(run(x_init, 'ddim'))
+                      - exact_flow(s, x_init, int(ddim_ts[0]))).max())
+  assert dpm < 0.1 and dpm < ddim / 2, (dpm, ddim)
