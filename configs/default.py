@@ -89,7 +89,9 @@ def get_config():
   # 'ddpm' | 'ddim' | 'dpm_solver_pp_2m' | 'dpm_solver_pp_2m_sde' (its stochastic form) | 'heun'
   sampling.sampler = 'ddpm'
   sampling.num_steps = 1000  # sampler steps (ddpm with < T steps = respaced chain)
-  sampling.spacing = 'leading'  # timestep spacing: 'leading' | 'trailing'
+  # timestep spacing: 'leading' | 'trailing'. For the DPM-Solver++ samplers 'leading' is
+  # diffusers' DPM grid (multiples of T // (n + 1), no t = 0 step).
+  sampling.spacing = 'leading'
   sampling.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like
   sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] at each step
   # ddim: recompute eps from the clipped x0 (diffusers' use_clipped_model_output); helps at high

@@ -224,10 +224,10 @@ def _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts, sde=Fa
               + sigma' sqrt(1 - e^{-2h}) z,  z ~ N(0, I),
   h = lambda' - lambda, with alpha = sqrt(abar), sigma = sqrt(1 - abar), D0 the current x0
   prediction and D1 = (D0 - D_prev) h / h_prev the finite difference with the previous step's one
-  (0 on first order steps). The SDE form (Lu et al. 2022, diffusers' 'sde-dpmsolver++') solves
-  the reverse SDE instead of the probability-flow ODE: like the ancestral sampler, it injects
-  fresh noise at every step. e^{-h} = sigma_edm' / sigma_edm stays finite when t' is the clean
-  end, where both forms return D0.
+  (0 on first order steps). The SDE form (diffusers' 'sde-dpmsolver++', k-diffusion's
+  'DPM-Solver++(2M) SDE') solves the reverse SDE instead of the probability-flow ODE: like the
+  ancestral sampler, it injects fresh noise at every step. e^{-h} = sigma_edm' / sigma_edm stays
+  finite when t' is the clean end, where both forms return D0.
   """
   prev_x0, prev_t = state
   x0 = _x0_of(schedule, model_fn, x, t, opts)
