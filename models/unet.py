@@ -190,8 +190,9 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 2) -> jax.Arra
 
   The backward pass is hand-written: the input gradient is the same convolution of the output
   gradient with the kernel rotated by 180 degrees (again by Winograd), and the kernel gradient
-  reuses the forward's transformed input. Autodiff of the forward instead scatters through the
-  strided views, which measured slower than the direct conv's backward on the CPU.
+  reuses the forward's transformed input (kept as a residual: (m+2)^2 / m^2 times the input's
+  size). Autodiff of the forward instead scatters through the strided views; on the CPU that made
+  F(4x4)'s backward slower than F(2x2)'s (bench/RESULTS.md).
 
   Args:
     x: [B, H, W, C_in] with H and W divisible by `tile`.
