@@ -335,8 +335,8 @@ def schedule_steps(sampler: str, num_train_timesteps: int, num_steps: int,
     if not 1 <= num_steps < num_train_timesteps:
       raise ValueError(f'num_steps must be in [1, {num_train_timesteps - 1}] for {sampler} with '
                        f"'leading' spacing, got {num_steps}")
-    ratio = num_train_timesteps // (num_steps + 1)
-    ts = (np.arange(1, num_steps + 1) * ratio)[::-1].astype(np.int64)
+    # The DDIM 'leading' grid for n + 1 steps without its last point, t = 0.
+    ts = timesteps(num_train_timesteps, num_steps + 1, 'leading')[:-1]
   else:
     ts = timesteps(num_train_timesteps, num_steps, spacing)
   if spec.stride_prev:

@@ -172,3 +172,9 @@ def test_diff_ignores_resumable_fields_and_lists_the_others():
                                         'optim.lr': 0.5, 'model.ch': 32}))
   assert config_lib.diff(a, b) == ['model.ch: 16 -> 32', 'optim.lr: 0.001 -> 0.5']
   assert config_lib.diff(a, json.loads(json.dumps(a))) == []
+
+
+def test_sampler_names_match_the_registry():
+  # config_lib keeps its own copy so a bad launch fails before jax is imported; keep them equal.
+  from diffusion import samplers  # pylint: disable=g-import-not-at-top
+  assert set(config_lib.SAMPLERS) == set(samplers.SAMPLERS)
