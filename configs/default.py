@@ -45,6 +45,10 @@ def get_config():
   model.cond_channels = 0  # >0: image-conditional; the condition image is concatenated on channels
   model.dtype = 'float32'  # activation/compute dtype ('float32' or 'bfloat16'); params stay float32
   model.remat = False  # rematerialize residual blocks in the backward pass (saves memory)
+  model.num_groups = 32  # GroupNorm groups (narrow layers use fewer: models.layers.group_count)
+  # 3x3 convs of the U-Net's residual blocks and upsampling: 'auto' (Winograd where it measured
+  # faster on the CPU, see models/winograd.py) | 'direct' | 'winograd' (F(2x2)) | 'winograd4'
+  model.conv_algorithm = 'auto'
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.unet import UNet, timestep_embedding  # noqa: F401  (re-exported)
+from models.layers import timestep_embedding  # noqa: F401  (re-exported)
+from models.unet import UNet
 
 
 def _build_unet(config) -> nn.Module:
@@ -30,7 +31,8 @@ def _build_unet(config) -> nn.Module:
       cond_channels=m.cond_channels,
       dtype=m.dtype,
       remat=m.remat,
-      num_groups=m.get('num_groups', 32),
+      num_groups=m.num_groups,
+      conv_algorithm=m.conv_algorithm,
   )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import models
 from configs import default
-from models import unet
+from models import layers, unet
 
 
 # Test data comes from numpy: on XLA:CPU every jax.random draw of a new shape compiles a
@@ -148,7 +148,7 @@ def test_ddpm_cifar10_has_35746307_params():
 def test_timestep_embedding_matches_closed_form():
   t = np.array([0, 1, 17, 500, 999])
   for dim in (128, 33):
-    emb = np.asarray(unet.timestep_embedding(jnp.asarray(t), dim))
+    emb = np.asarray(layers.timestep_embedding(jnp.asarray(t), dim))
     half = dim // 2
     freqs = np.exp(-np.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1))
     args = t[:, None].astype(np.float64) * freqs[None, :]
@@ -209,8 +209,8 @@ def test_downsample_pads_like_tensorflow_same_and_upsample_is_nearest():
 
 
 def test_group_count_keeps_ddpm_groups_and_two_channels_per_group():
-  assert [unet._group_count(c, 32) for c in (64, 128, 256, 384, 512)] == [32] * 5
-  assert [unet._group_count(c, 32) for c in (16, 32, 48, 3)] == [8, 16, 24, 1]
+  assert [layers.group_count(c, 32) for c in (64, 128, 256, 384, 512)] == [32] * 5
+  assert [layers.group_count(c, 32) for c in (16, 32, 48, 3)] == [8, 16, 24, 1]
 
 
 def test_dropout_is_active_only_when_training():

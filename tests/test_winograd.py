@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions in models/unet.py: equal to the direct conv
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions in models/winograd.py: equal to the direct conv
 (float64 to 1e-12, float32 to rounding), hand-written gradients equal to the direct conv's, same
 parameters as nn.Conv, and the layer-choice rules."""
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import unet
+from models import unet, winograd
 
 
 def _direct(x, kernel):
@@ -25,13 +25,13 @@ def test_winograd_and_its_gradients_equal_direct_conv_in_float64(tile, shape):
   with jax.enable_x64(True):
     x = jnp.asarray(rng.standard_normal((b, h, w, c_in)), jnp.float64)
     k = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)), jnp.float64)
-    got, want = unet.winograd_conv3x3(x, k, tile), _direct(x, k)
+    got, want = winograd.winograd_conv3x3(x, k, tile), _direct(x, k)
     assert got.shape == want.shape == (b, h, w, c_out) and got.dtype == jnp.float64
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     # The backward pass is hand-written (custom_vjp), so check it against autodiff of lax.conv.
     cot = jnp.asarray(rng.standard_normal((b, h, w, c_out)), jnp.float64)
     loss = lambda f: lambda x, k: jnp.sum(f(x, k) * cot)
-    got = jax.grad(loss(lambda x, k: unet.winograd_conv3x3(x, k, tile)), (0, 1))(x, k)
+    got = jax.grad(loss(lambda x, k: winograd.winograd_conv3x3(x, k, tile)), (0, 1))(x, k)
     want = jax.grad(loss(_direct), (0, 1))(x, k)
     for g, d in zip(got, want):
       np.testing.assert_allclose(g, d, rtol=0, atol=1e-12)
@@ -44,7 +44,7 @@ def test_winograd_float32_error_is_small(tile, rtol):
   k = jnp.asarray(rng.standard_normal((3, 3, 64, 32)) / 24, jnp.float32)
   cot = jnp.asarray(rng.standard_normal((2, 16, 16, 32)), jnp.float32)
   loss = lambda f: lambda x, k: jnp.sum(f(x, k) * cot)
-  f = lambda x, k: unet.winograd_conv3x3(x, k, tile)
+  f = lambda x, k: winograd.winograd_conv3x3(x, k, tile)
   for a, b in zip((f(x, k), *jax.grad(loss(f), (0, 1))(x, k)),
                   (_direct(x, k), *jax.grad(loss(_direct), (0, 1))(x, k))):
     np.testing.assert_allclose(a, b, rtol=0, atol=rtol * float(jnp.abs(b).max()))
@@ -53,9 +53,9 @@ def test_winograd_float32_error_is_small(tile, rtol):
 def test_winograd_rejects_bad_tiles():
   x, k = jnp.zeros((1, 6, 6, 2)), jnp.zeros((3, 3, 2, 2))
   with pytest.raises(ValueError, match='divisible by 4'):
-    unet.winograd_conv3x3(x, k, 4)
+    winograd.winograd_conv3x3(x, k, 4)
   with pytest.raises(ValueError, match='tile must be one of'):
-    unet.winograd_conv3x3(x, k, 3)
+    winograd.winograd_conv3x3(x, k, 3)
 
 
 def test_conv3x3_has_nn_conv_parameters_and_output():
@@ -64,7 +64,7 @@ def test_conv3x3_has_nn_conv_parameters_and_output():
   ref = nn.Conv(5, (3, 3), padding=1)
   ref_params = ref.init(key, x)['params']
   for winograd in (0, 2, 4):
-    conv = unet.Conv3x3(5, winograd=winograd)
+    conv = winograd.Conv3x3(5, winograd=winograd)
     params = conv.init(key, x)['params']
     assert jax.tree.structure(params) == jax.tree.structure(ref_params)
     np.testing.assert_array_equal(params['kernel'], ref_params['kernel'])
@@ -94,7 +94,7 @@ def test_unet_winograd_and_direct_agree():
 def test_winograd_tile_rules():
   f32, bf16 = jnp.float32, jnp.bfloat16
   cpu = jax.default_backend() == 'cpu'
-  tile = unet.winograd_tile
+  tile = winograd.winograd_tile
   assert tile('auto', f32, (8, 32, 32, 128), 128) == (4 if cpu else 0)  # 512 rows per matmul
   assert tile('auto', f32, (8, 16, 16, 256), 256) == (2 if cpu else 0)  # 128 rows: F(2x2)
   assert tile('auto', f32, (32, 16, 16, 256), 256) == (4 if cpu else 0)
