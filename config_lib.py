@@ -18,16 +18,69 @@ class ConfigError(ValueError):
   """A config or command-line problem that the user must fix."""
 
 
-# Choices the code knows; kept here (not imported from the registries) so that a bad
-# launch fails before jax, the model or the data are touched.
-SCHEDULES = ('linear', 'cosine')
-PREDICTIONS = ('eps', 'x0', 'v')
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver_pp_2m', 'dpm_solver_pp_2m_sde', 'heun')
-SPACINGS = ('leading', 'trailing')
-OPTIMIZERS = ('adam', 'adamw')
-MODELS = ('unet',)
-DTYPES = ('float32', 'bfloat16')
-CROPS = ('none', 'center', 'celeba_ddim', 'celeba_140')
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def registry_names(module_path, name):
+  """The names a registry defines: the string keys of the dict (or the items of the tuple)
+  assigned to `name` at the top level of the project file `module_path`.
+
+  Read from the source with `ast`, not imported: the registries live in modules that import jax,
+  and a bad launch must fail before jax is touched. So a registry stays the one place that names
+  its entries (tests/test_config_lib.py holds each list equal to the imported registry).
+  """
+  with open(os.path.join(_ROOT, module_path)) as f:
+    tree = ast.parse(f.read())
+  for node in tree.body:
+    targets = (node.targets if isinstance(node, ast.Assign) else
+               [node.target] if isinstance(node, ast.AnnAssign) else [])
+    if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+      value = node.value
+      items = value.keys if isinstance(value, ast.Dict) else getattr(value, 'elts', None)
+      if items is None or not all(isinstance(k, ast.Constant) and isinstance(k.value, str)
+                                  for k in items):
+        raise TypeError(f'{module_path}:{name} must be a literal dict or tuple of string keys')
+      return tuple(k.value for k in items)
+  raise LookupError(f'{module_path} defines no top-level {name}')
+
+
+def default_grids():
+  """sampler name -> its default grid, read from diffusion/samplers.py's SAMPLERS entries
+  (`Sampler(step, grid, ...)`, 'leading' when not given) without importing it."""
+  with open(os.path.join(_ROOT, 'diffusion/samplers.py')) as f:
+    tree = ast.parse(f.read())
+  for node in tree.body:
+    if isinstance(node, ast.AnnAssign) and getattr(node.target, 'id', '') == 'SAMPLERS':
+      out = {}
+      for k, v in zip(node.value.keys, node.value.values):
+        grid = [a.value for a in v.args[1:2]] + [w.value.value for w in v.keywords
+                                                  if w.arg == 'default_grid']
+        out[k.value] = grid[0] if grid else 'leading'
+      return out
+  raise LookupError('diffusion/samplers.py defines no top-level SAMPLERS')
+
+
+# Where each choice a config names is registered (file, name): one place per registry.
+REGISTRIES = {
+    'schedule': ('diffusion/schedules.py', '_BETAS'),
+    'prediction': ('diffusion/process.py', 'PREDICTIONS'),
+    'sampler': ('diffusion/samplers.py', 'SAMPLERS'),
+    'grid': ('diffusion/grids.py', 'GRIDS'),
+    'optimizer': ('train_lib.py', 'OPTIMIZERS'),
+    'model': ('models/__init__.py', '_BUILDERS'),
+    'dtype': ('models/unet.py', '_SUPPORTED_DTYPES'),
+    'conv_algorithm': ('models/winograd.py', 'CONV_ALGORITHMS'),
+    'crop': ('data/preprocess.py', 'CROPS'),
+}
+
+
+def choices(kind):
+  """The registered names of one kind of choice (see REGISTRIES)."""
+  return registry_names(*REGISTRIES[kind])
+
+# Renamed fields: (old dotted path, new dotted path). A run's saved config.json is read through
+# `migrate`, so that runs written before a rename still resume and sample.
+RENAMED = (('training.label_dropout', 'training.cond_dropout'),)
 
 # Fields that may change between a run and its resumption without it being another run.
 RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.checkpoint_every',
@@ -134,6 +187,46 @@ def _number_in(config, field, low, high, *, low_open=False, high_open=True):
   _check(ok, field, f'must be a number in {interval}, got {value!r}')
 
 
+def _one_of(config, field, kind, extra=()):
+  value = _get(config, field)
+  known = choices(kind) + tuple(extra)
+  _check(value in known, field, f'unknown {kind} {value!r}; one of {known}')
+
+
+def _check_sampling_inputs(config):
+  """img2img, inpainting, super-resolution and cascade fields, and their combinations."""
+  s = config.sampling
+  _number_in(config, 'sampling.strength', 0.0, 1.0, high_open=False)
+  _positive_int(config, 'sampling.resample')
+  _check(not s.mask or s.init_image, 'sampling.mask',
+         'needs config.sampling.init_image (the image whose white-masked pixels are kept)')
+  _check(not (s.cascade_base_workdir and (s.init_image or s.cond_image)),
+         'sampling.cascade_base_workdir', 'makes its own condition images; leave '
+         'sampling.init_image and sampling.cond_image empty')
+  _check(not s.cascade_base_config or s.cascade_base_workdir, 'sampling.cascade_base_config',
+         "needs config.sampling.cascade_base_workdir (the base's checkpoints)")
+  _check(not s.cond_image or config.model.cond_channels > 0, 'sampling.cond_image',
+         'is set but the model is not image-conditional (model.cond_channels = 0)')
+  _check(not s.cascade_base_workdir or config.model.cond_channels > 0,
+         'sampling.cascade_base_workdir', 'is set but this model is not image-conditional '
+         '(model.cond_channels = 0); use an upsampler config such as configs/digits_sr.py')
+
+
+def check_cascade(base_config, config):
+  """The base and the upsampler of a cascade fit together (ConfigError naming both)."""
+  if config.model.cond_channels == 0:
+    raise ConfigError('config.sampling.cascade_base_workdir is set but this model is not '
+                      'image-conditional (model.cond_channels = 0); use an upsampler config such '
+                      'as configs/digits_sr.py')
+  if base_config.model.cond_channels > 0:
+    raise ConfigError("the cascade's base model is itself image-conditional; give an "
+                      'unconditional or class-conditional base')
+  if base_config.data.num_channels != config.model.cond_channels:
+    raise ConfigError(f"the cascade's base makes {base_config.data.num_channels}-channel images "
+                      f'but the upsampler takes model.cond_channels = '
+                      f'{config.model.cond_channels}')
+
+
 def _get(config, path):
   node = config
   for part in path.split('.'):
@@ -143,8 +236,8 @@ def _get(config, path):
 
 def validate(config, *, num_devices=1, process_count=1):
   """Checks types, ranges and combinations; raises ConfigError naming the field."""
-  d, m, df, o, tr, s = (config.data, config.model, config.diffusion, config.optim,
-                        config.training, config.sampling)
+  d, m, df, tr, s = (config.data, config.model, config.diffusion, config.training,
+                     config.sampling)
   _check(_is_int(config.seed), 'seed', f'must be an integer, got {config.seed!r}')
   ds = d.dataset
   _check(ds == 'digits' or (isinstance(ds, str) and (ds.startswith('tfds:') and len(ds) > 5
@@ -154,7 +247,7 @@ def validate(config, *, num_devices=1, process_count=1):
             'training.batch_size', 'training.num_steps', 'training.log_every',
             'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_dispatch',
             'training.max_nonfinite_steps', 'sampling.num_steps', 'sampling.num_samples',
-            'sampling.batch_size', 'model.num_heads'):
+            'sampling.batch_size', 'model.num_heads', 'model.num_groups'):
     _positive_int(config, f)
   for f in ('data.num_workers', 'data.low_res_size', 'model.cond_channels',
             'optim.warmup_steps', 'training.sample_every', 'training.eval_every',
@@ -170,8 +263,8 @@ def validate(config, *, num_devices=1, process_count=1):
   _check(isinstance(d.split, str) and d.split != '', 'data.split',
          f'must be a non-empty split name, got {d.split!r}')
   _check(d.num_channels in (1, 3), 'data.num_channels', f'must be 1 or 3, got {d.num_channels!r}')
-  _check(d.crop in CROPS, 'data.crop', f'unknown crop {d.crop!r}; one of {CROPS}')
-  _check(m.name in MODELS, 'model.name', f'unknown model {m.name!r}; one of {MODELS}')
+  _one_of(config, 'data.crop', 'crop')
+  _one_of(config, 'model.name', 'model')
   _check(len(m.ch_mult) > 0 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),
          'model.ch_mult', f'must be a non-empty tuple of positive ints, got {m.ch_mult!r}')
   levels = len(m.ch_mult)
@@ -195,7 +288,8 @@ def validate(config, *, num_devices=1, process_count=1):
          f'{m.cond_channels} differs from data.num_channels = {d.num_channels} (the condition '
          'is the low-resolution image)')
   _number_in(config, 'model.dropout', 0.0, 1.0)
-  _check(m.dtype in DTYPES, 'model.dtype', f'unknown dtype {m.dtype!r}; one of {DTYPES}')
+  _one_of(config, 'model.dtype', 'dtype')
+  _one_of(config, 'model.conv_algorithm', 'conv_algorithm')
   _int_at_least(config, 'model.num_classes', 0)
   _int_at_least(config, 'data.num_classes', 0)
   if m.num_classes > 0:
@@ -203,17 +297,14 @@ def validate(config, *, num_devices=1, process_count=1):
            f'{m.num_classes} differs from config.data.num_classes = {d.num_classes}')
     _check(d.label_key != '', 'data.label_key',
            'a class-conditional model (model.num_classes > 0) needs labels')
-  _check(df.schedule in SCHEDULES, 'diffusion.schedule',
-         f'unknown schedule {df.schedule!r}; one of {SCHEDULES}')
-  _check(df.prediction in PREDICTIONS, 'diffusion.prediction',
-         f'unknown prediction {df.prediction!r}; one of {PREDICTIONS}')
+  _one_of(config, 'diffusion.schedule', 'schedule')
+  _one_of(config, 'diffusion.prediction', 'prediction')
   _number_in(config, 'diffusion.beta_start', 0.0, 1.0, low_open=True)
   _number_in(config, 'diffusion.beta_end', 0.0, 1.0, low_open=True)
   _number_in(config, 'diffusion.cosine_s', 0.0, None, low_open=True)
   _check(0 < df.beta_start < df.beta_end < 1, 'diffusion.beta_start',
          f'need 0 < beta_start < beta_end < 1, got {df.beta_start}, {df.beta_end}')
-  _check(o.optimizer in OPTIMIZERS, 'optim.optimizer',
-         f'unknown optimizer {o.optimizer!r}; one of {OPTIMIZERS}')
+  _one_of(config, 'optim.optimizer', 'optimizer')
   _number_in(config, 'optim.lr', 0.0, None, low_open=True)
   _number_in(config, 'optim.grad_clip', 0.0, None)
   _number_in(config, 'optim.b1', 0.0, 1.0)
@@ -221,7 +312,7 @@ def validate(config, *, num_devices=1, process_count=1):
   _number_in(config, 'optim.eps', 0.0, None, low_open=True)
   _number_in(config, 'optim.weight_decay', 0.0, None)
   _number_in(config, 'training.ema_rate', 0.0, 1.0)
-  _number_in(config, 'training.label_dropout', 0.0, 1.0)
+  _number_in(config, 'training.cond_dropout', 0.0, 1.0)
   _check(tr.batch_size % num_devices == 0, 'training.batch_size',
          f'{tr.batch_size} does not divide over {num_devices} devices; use a multiple of '
          f'{num_devices}')
@@ -230,24 +321,78 @@ def validate(config, *, num_devices=1, process_count=1):
   _check(s.batch_size % num_devices == 0, 'sampling.batch_size',
          f'{s.batch_size} does not divide over {num_devices} devices; use a multiple of '
          f'{num_devices}')
-  _check(s.sampler in SAMPLERS, 'sampling.sampler',
-         f'unknown sampler {s.sampler!r}; one of {SAMPLERS}')
-  _check(s.spacing in SPACINGS, 'sampling.spacing',
-         f'unknown spacing {s.spacing!r}; one of {SPACINGS}')
+  _one_of(config, 'sampling.sampler', 'sampler')
+  _one_of(config, 'sampling.spacing', 'grid', extra=('auto',))
   _check(s.num_steps <= df.num_timesteps, 'sampling.num_steps',
          f'{s.num_steps} exceeds diffusion.num_timesteps = {df.num_timesteps}')
+  grid = s.spacing
+  if grid == 'auto':
+    grid = default_grids()[s.sampler]
+  _check(grid != 'dpm' or s.num_steps < df.num_timesteps, 'sampling.num_steps',
+         f"{s.num_steps} steps on the 'dpm' grid need fewer than diffusion.num_timesteps = "
+         f'{df.num_timesteps} (it skips t = 0)')
   _number_in(config, 'sampling.eta', 0.0, None)
+  for f in ('sampling.s_churn', 'sampling.s_tmin', 'sampling.s_tmax'):
+    _number_in(config, f, 0.0, None)
+  _number_in(config, 'sampling.s_noise', 0.0, None, low_open=True)
+  _check(s.s_tmin <= s.s_tmax, 'sampling.s_tmin', f'{s.s_tmin} exceeds sampling.s_tmax = {s.s_tmax}')
+  _check(s.s_churn == 0 or s.sampler in ('heun', 'euler'), 'sampling.s_churn',
+         f"EDM's churn applies to the samplers 'heun' and 'euler', not {s.sampler!r}; "
+         'set it to 0 or choose one of them')
   _number_in(config, 'sampling.guidance_scale', 0.0, None)
-  _check(s.guidance_scale == 1.0 or m.num_classes > 0, 'sampling.guidance_scale',
-         f'{s.guidance_scale} needs a class-conditional model (model.num_classes > 0)')
+  guided = m.num_classes > 0 or m.get('context_dim', 0) > 0
+  _check(s.guidance_scale == 1.0 or guided, 'sampling.guidance_scale',
+         f'{s.guidance_scale} needs a class- or text-conditional model (model.num_classes > 0 '
+         'or model.context_dim > 0)')
   _check(_is_int(s.class_label) and -1 <= s.class_label < max(m.num_classes, 1),
          'sampling.class_label', f'{s.class_label!r} is not -1 (all) or a class in '
          f'[0, {m.num_classes})')
+  _check_sampling_inputs(config)
 
 
 def to_dict(config):
   """A JSON-able dict (tuples become lists)."""
   return json.loads(config.to_json())
+
+
+def migrate(saved):
+  """A saved config dict (config.json) with renamed fields (RENAMED) under their new names."""
+  saved = json.loads(json.dumps(saved))  # a deep copy
+  for old, new in RENAMED:
+    og, _, ok = old.rpartition('.')
+    ng, _, nk = new.rpartition('.')
+    src = saved.get(og, {}) if og else saved
+    if ok in src:
+      (saved.setdefault(ng, {}) if ng else saved)[nk] = src.pop(ok)
+  return saved
+
+
+def from_dict(saved):
+  """A run's saved config dict -> ConfigDict, on top of configs/default.py's fields.
+
+  Renamed fields are migrated; fields added to default.py after the run was saved keep their
+  defaults; JSON lists become the tuples the config declares.
+  """
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
+  config = default_config.get_config()
+
+  def fill(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+        fill(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+  fill(config, migrate(saved))
+  return config
+
+
+def load_run_config(workdir):
+  """The config a run was trained with, from WORKDIR/config.json (train_lib writes it)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no {path}: not a training workdir, or give the config file')
+  with open(path) as f:
+    return from_dict(json.load(f))
 
 
 def diff(saved, current):

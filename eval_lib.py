@@ -1,8 +1,11 @@
-"""Evaluation: FID / KID of generated samples against cached dataset statistics, and bits/dim.
+"""Evaluation: FID / KID of generated samples against cached dataset statistics, bits/dim, and the
+hooks that run periodic work during training.
 
   --mode fid_stats   Inception statistics of every example of config.data's split, cached
   --mode eval        restore a checkpoint, generate eval.num_samples, FID + KID (+ bits/dim)
   in-loop            training.eval_every > 0: FID/KID of training.eval_num_samples EMA samples
+  training_hooks     the periodic work config.training declares (sample grids, in-loop FID),
+                     built here and handed to the trainer, which never names them
 
 The Inception Score needs the classifier head, which the standard FID weights (pool3 only) do
 not carry; it is reported only when config.eval.inception_weights points at weights with logits.
@@ -16,12 +19,13 @@ from absl import logging
 import jax
 import numpy as np
 
+import conditioning
 import data as data_lib
-import models
+import experiment
+import progress
 import sample_lib
 from diffusion import losses
 from evaluation import fid as fid_lib
-from evaluation import inception
 from evaluation import metrics
 
 
@@ -39,25 +43,37 @@ def _reference_images(config):
   return (batch['image'] for batch in ds)
 
 
-def reference_stats(config, *, recompute=False, params=None):
+def reference_stats(config, *, recompute=False, params=None, stop=None):
   """Loads (or computes once and caches) the dataset's Inception statistics."""
   path = stats_path(config)
   if recompute and os.path.exists(path):
     os.remove(path)
   if params is None:
-    _, params = inception.load(config.eval.inception_weights)
+    _, params = fid_lib.load_inception(config.eval.inception_weights)
   t0 = time.time()
+  if not os.path.exists(path):
+    tracker = progress.Progress(f'reference statistics of {config.data.dataset}',
+                                data_lib.num_examples(config), stop=stop)
+  else:
+    tracker = None
   stats = fid_lib.reference_statistics(lambda: _reference_images(config), path, params=params,
-                                       batch_size=config.eval.batch_size)
+                                       batch_size=config.eval.batch_size,
+                                       on_batch=tracker.update if tracker else None)
   logging.info('reference statistics of %d images (%s) in %s (%.0f s)', stats['num_images'],
                config.data.dataset, path, time.time() - t0)
   return stats
 
 
-def score(images_uint8, ref, params, *, batch_size=256, with_logits=False):
-  """FID and KID of uint8 images [N, H, W, C] against reference stats (from `reference_stats`)."""
+def fid_kid(images_uint8, ref, params, *, batch_size=256, with_logits=False, stop=None):
+  """FID and KID of uint8 images [N, H, W, C] against reference stats (from `reference_stats`).
+
+  Returns:
+    {'fid', 'kid' (when the reference keeps its features), 'num_samples'} (+ the Inception
+    Score with logits).
+  """
+  tracker = progress.Progress('Inception features of the samples', len(images_uint8), stop=stop)
   out = fid_lib.compute_features_all_processes(params, images_uint8, batch_size,
-                                              with_logits=with_logits)
+                                              with_logits=with_logits, on_batch=tracker.update)
   feats, logits = out if with_logits else (out, None)
   mu, sigma = metrics.statistics(feats)
   result = {'fid': metrics.fid(mu, sigma, ref['mu'], ref['sigma']), 'num_samples': len(feats)}
@@ -69,82 +85,102 @@ def score(images_uint8, ref, params, *, batch_size=256, with_logits=False):
   return result
 
 
-def bits_per_dim(config, model, schedule, params, num_examples, seed=0):
+def bits_per_dim(config, model, schedule, params, num_examples, seed=0, stop=None):
   """DDPM's variational bound (bits/dim, discretized decoder) on the first examples of the split."""
   ds = data_lib.get_dataset(config, batch_size=min(num_examples, config.eval.batch_size),
                             process_index=0, process_count=1, shuffle=False, repeat=False,
                             drop_remainder=False)
-
-  from train_lib import model_kwargs  # pylint: disable=g-import-not-at-top
+  conditioner = experiment.conditioner(config)
 
   @jax.jit
   def bpd(batch, rng):
-    # The true label and the low-res image condition the bound (no label dropout).
-    kwargs = model_kwargs(config, batch, None, train=False)
-    model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, train=False, **kwargs)
+    # The true label and the low-res image condition the bound (no dropout).
+    conds = conditioner.from_batch(batch)
+    model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, train=False, **conds)
     return losses.bits_per_dim(schedule, model_fn, batch['image'], rng,
                                prediction=config.diffusion.prediction)
 
+  tracker = progress.Progress('bits/dim', num_examples, unit='examples', stop=stop)
   values, seen = [], 0
   for i, batch in enumerate(ds):
     values.append(np.asarray(bpd(batch, jax.random.fold_in(jax.random.PRNGKey(seed), i))))
-    seen += len(batch['image'])
+    take = min(len(batch['image']), num_examples - seen)
+    seen += take
+    tracker.update(take)
     if seen >= num_examples:
       break
   return float(np.concatenate(values)[:num_examples].mean())
 
 
-def _generate(config, model, schedule, params, n):
+def eval_samples(config, model, schedule, params, n, stop=None):
   """n uint8 samples; an upsampler is conditioned on the low-res images of the first n examples."""
   cond = sample_lib.dataset_condition(config, n) if config.model.cond_channels > 0 else None
-  return sample_lib.generate(config, model, schedule, params, n, seed=config.sampling.seed,
-                             cond=cond)
+  return sample_lib.sample_images(config, model, schedule, params, n, seed=config.sampling.seed,
+                                  cond=cond, stop=stop, what='eval samples')
 
 
-def _write(workdir, record):
+def _append_record(workdir, record):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
 
 
-def run_eval_mode(config, workdir):
+def run_eval_mode(config, workdir, stop=None):
   """--mode eval: samples from a checkpoint, scored against the dataset's statistics."""
-  from train_lib import get_schedule  # pylint: disable=g-import-not-at-top
   s, ev = config.sampling, config.eval
-  model, schedule = models.create_model(config), get_schedule(config)
-  step, params = sample_lib.restore_params(config, workdir, step=s.checkpoint_step,
-                                           use_ema=s.use_ema, model=model)
-  module, inception_params = inception.load(ev.inception_weights)
-  ref = reference_stats(config, params=inception_params)
+  model, schedule = experiment.model(config), experiment.schedule(config)
+  step, params = experiment.restore_params(config, workdir, step=s.checkpoint_step,
+                                           use_ema=s.use_ema, module=model)
+  module, inception_params = fid_lib.load_inception(ev.inception_weights)
+  ref = reference_stats(config, params=inception_params, stop=stop)
   t0 = time.time()
-  images = _generate(config, model, schedule, params, ev.num_samples)
+  images = eval_samples(config, model, schedule, params, ev.num_samples, stop=stop)
   gen_s = time.time() - t0
   # Every process embeds its share of the samples; the metrics are computed from all of them.
-  result = score(images, ref, inception_params, batch_size=ev.batch_size,
-                 with_logits=module.num_classes > 0)
+  result = fid_kid(images, ref, inception_params, batch_size=ev.batch_size,
+                   with_logits=module.num_classes > 0, stop=stop)
   if ev.bpd_num_examples > 0:
-    result['bits_per_dim'] = bits_per_dim(config, model, schedule, params, ev.bpd_num_examples)
+    result['bits_per_dim'] = bits_per_dim(config, model, schedule, params, ev.bpd_num_examples,
+                                          stop=stop)
   record = {'mode': 'eval', 'step': step, 'sampler': s.sampler, 'num_steps': s.num_steps,
-            'eta': s.eta, 'seed': s.seed, 'generate_seconds': gen_s, **result}
-  if config.model.num_classes > 0:
+            'spacing': s.spacing, 'eta': s.eta, 'seed': s.seed, 'generate_seconds': gen_s,
+            **result}
+  if conditioning.build(config).guided:
     record['guidance_scale'] = s.guidance_scale
-  _write(workdir, record)
+  _append_record(workdir, record)
   if jax.process_index() == 0:
     print(json.dumps(record))
   return record
 
 
-class InLoopEvaluator:
-  """FID/KID of a small sample during training; loads Inception and reference stats once."""
+class FidHook:
+  """Training hook: FID/KID of training.eval_num_samples EMA samples every training.eval_every
+  steps (and at the end); loads Inception and the reference statistics once."""
+
+  name = 'fid'
 
   def __init__(self, config):
     self.config = config
-    _, self.params = inception.load(config.eval.inception_weights)
+    self.every = config.training.eval_every
+    _, self.params = fid_lib.load_inception(config.eval.inception_weights)
     self.ref = reference_stats(config, params=self.params)
+    self._model = experiment.model(config)
+    self._schedule = experiment.schedule(config)
 
-  def __call__(self, model, schedule, ema_params, step):
+  def __call__(self, step, ema_params, stop=None):
     n = self.config.training.eval_num_samples
-    images = _generate(self.config, model, schedule, ema_params, n)
-    result = score(images, self.ref, self.params, batch_size=self.config.eval.batch_size)
+    images = eval_samples(self.config, self._model, self._schedule, ema_params, n, stop=stop)
+    result = fid_kid(images, self.ref, self.params, batch_size=self.config.eval.batch_size,
+                     stop=stop)
     # Labelled with N: FID from few samples is biased upward, comparable only at equal N.
     return {f'fid_n{n}': result['fid'], f'kid_n{n}': result.get('kid', float('nan'))}
+
+
+def training_hooks(config, workdir):
+  """The periodic work config.training declares, for train_lib.train(..., hooks=...)."""
+  hooks = []
+  if config.training.sample_every > 0:
+    hooks.append(sample_lib.GridHook(config, workdir))
+  if config.training.eval_every > 0:
+    hooks.append(FidHook(config))
+  return hooks

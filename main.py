@@ -161,21 +161,33 @@ def main(argv):
 
   # Imported here so that a bad launch fails before these heavy imports.
   import data as data_lib  # pylint: disable=g-import-not-at-top
+  import progress  # pylint: disable=g-import-not-at-top
+  # Long modes other than train stop at their next batch on SIGTERM / SIGINT (train installs
+  # its own handler, which saves a checkpoint first).
+  stop = None
+  if FLAGS.mode in ('sample', 'eval', 'fid_stats') and jax.process_count() == 1:
+    stop = progress.StopRequest()
   try:
     if FLAGS.mode == 'train':
+      import eval_lib  # pylint: disable=g-import-not-at-top
       import train_lib  # pylint: disable=g-import-not-at-top
-      train_lib.train(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+      train_lib.train(config, FLAGS.workdir, hooks=eval_lib.training_hooks(config, FLAGS.workdir),
+                      allow_config_change=FLAGS.allow_config_change)
     elif FLAGS.mode == 'sample':
       import sample_lib  # pylint: disable=g-import-not-at-top
-      sample_lib.run_sample_mode(config, FLAGS.workdir)
+      sample_lib.run_sample_mode(config, FLAGS.workdir, stop=stop)
     elif FLAGS.mode == 'eval':
       import eval_lib  # pylint: disable=g-import-not-at-top
-      eval_lib.run_eval_mode(config, FLAGS.workdir)
+      eval_lib.run_eval_mode(config, FLAGS.workdir, stop=stop)
     elif FLAGS.mode == 'fid_stats':
       import eval_lib  # pylint: disable=g-import-not-at-top
-      eval_lib.reference_stats(config, recompute=True)
+      eval_lib.reference_stats(config, recompute=True, stop=stop)
     elif FLAGS.mode == 'prepare':
-      data_lib.prepare(config)
+      print(data_lib.prepare(config))
+  except progress.Interrupted as e:
+    print(f'stopped by {stop.signal if stop else "a signal"}: {e}; nothing of this {FLAGS.mode} '
+          'was written. Rerun the same command to do it again.', file=sys.stderr)
+    sys.exit(1)
   except (config_lib.ConfigError, FileNotFoundError, FloatingPointError) as e:
     _fail(str(e))
 

@@ -1,16 +1,17 @@
-"""Training: the train state, the one train step, the loop, checkpoints and logs.
+"""Training: the train state, the one train step, the loop and its logs.
 
 The whole step is `train_step` below: noise a batch at uniform t, regress the network's
 prediction, clip and apply Adam, update the EMA. It is compiled once with `jax.jit` over a
 mesh of every device (batch sharded on 'data', state replicated and donated). Per-step
 randomness is `fold_in(state.rng, state.step)`, so a resumed run draws the same numbers as an
 uninterrupted one.
+
+Periodic work other than checkpoints (sample grids, in-loop FID) reaches the loop as hooks
+built by the caller (eval_lib.training_hooks): this module names no evaluator.
 """
 
 import json
-import math
 import os
-import signal
 import time
 
 from absl import logging
@@ -18,16 +19,18 @@ import flax
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+import checkpoints
 import config_lib
 import data as data_lib
+import experiment
 import models
-import sample_lib
-from diffusion import losses, schedules
+import progress
+import sharding
+from diffusion import losses
 
 
 @flax.struct.dataclass
@@ -42,22 +45,24 @@ class TrainState:
   nonfinite_total: jnp.ndarray  # int32 [], all skipped updates
 
 
-def get_schedule(config):
-  d = config.diffusion
-  kwargs = ({'beta_start': d.beta_start, 'beta_end': d.beta_end} if d.schedule == 'linear'
-            else {'s': d.cosine_s})
-  return schedules.get_schedule(d.schedule, d.num_timesteps, **kwargs)
+OPTIMIZERS = {
+    'adam': lambda lr, o: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
+    'adamw': lambda lr, o: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                                       weight_decay=o.weight_decay),
+}
+
+
+def learning_rate(config):
+  """The learning-rate schedule: step -> lr (linear warm-up to optim.lr, then constant)."""
+  o = config.optim
+  return (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
+          else optax.constant_schedule(o.lr))
 
 
 def make_optimizer(config):
-  """Adam(W) with linear warm-up to a constant lr, after global-norm clipping."""
+  """optim.optimizer (OPTIMIZERS) on `learning_rate`, after global-norm clipping."""
   o = config.optim
-  lr = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
-        else optax.constant_schedule(o.lr))
-  if o.optimizer == 'adam':
-    opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-  else:
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  opt = OPTIMIZERS[o.optimizer](learning_rate(config), o)
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
 
 
@@ -73,6 +78,12 @@ def init_state(config, model, tx):
                     nonfinite_total=zero())
 
 
+def abstract_state(config, model, tx, mesh):
+  """Shapes, dtypes and (replicated) shardings of the state: the restore target."""
+  return checkpoints.replicated_target(jax.eval_shape(lambda: init_state(config, model, tx)),
+                                       mesh)
+
+
 def create_state(config, model, tx, mesh):
   """init_state, compiled, with every leaf replicated over the mesh."""
   target = abstract_state(config, model, tx, mesh)
@@ -80,35 +91,22 @@ def create_state(config, model, tx, mesh):
                  out_shardings=jax.tree.map(lambda s: s.sharding, target))()
 
 
-def model_kwargs(config, batch, rng, *, train):
-  """Conditioning inputs for the model from a batch: labels (with CFG dropout) and images."""
-  kwargs = {}
-  num_classes = config.model.num_classes
-  if num_classes > 0:
-    y = batch['label']
-    if train and config.training.label_dropout > 0:
-      drop = jax.random.uniform(rng, y.shape) < config.training.label_dropout
-      y = jnp.where(drop, num_classes, y)  # index num_classes is the 'null' label
-    kwargs['y'] = y
-  if config.model.cond_channels > 0:
-    kwargs['cond'] = batch['low_res']
-  return kwargs
-
-
-def make_train_step(config, model, schedule, tx):
+def make_train_step(config, model, schedule, tx, conditioner=None):
   """Returns the pure train_step(state, batch) -> (state, metrics)."""
   ema_rate = config.training.ema_rate
   prediction = config.diffusion.prediction
+  cond_dropout = config.training.cond_dropout
+  conditioner = conditioner or experiment.conditioner(config)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_rng, drop_rng, label_rng = jax.random.split(rng, 3)
-    kwargs = model_kwargs(config, batch, label_rng, train=True)
+    loss_rng, drop_rng, cond_rng = jax.random.split(rng, 3)
+    conds = conditioner.drop(conditioner.from_batch(batch), cond_rng, cond_dropout)
 
     def loss_fn(params):
       def model_fn(x_t, t):
         return model.apply({'params': params}, x_t, t, train=True, rngs={'dropout': drop_rng},
-                           **kwargs)
+                           **conds)
       return losses.diffusion_loss(schedule, model_fn, batch['image'], loss_rng,
                                    prediction=prediction).mean()
 
@@ -150,112 +148,30 @@ def make_multi_step(train_step, k, unroll=1):
   return multi_step
 
 
-def make_mesh():
-  return Mesh(np.asarray(jax.devices()), ('data',))
-
-
-def compile_train_step(config, model, schedule, tx, mesh):
+def compile_train_step(config, model, schedule, tx, mesh, conditioner=None):
   """jit with explicit shardings: state replicated and donated, batch split on 'data'."""
   k = config.training.steps_per_dispatch
   # XLA:CPU runs this step ~9x slower inside a while loop than outside one (digits U-Net,
   # bench/RESULTS.md; cf. jax-ml/jax#12868), so on the CPU the k steps are written out in full:
   # no loop, at k times the compile time. Accelerators keep the loop.
   unroll = k if jax.default_backend() == 'cpu' else 1
-  step = make_multi_step(make_train_step(config, model, schedule, tx), k, unroll)
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data') if k == 1 else P(None, 'data'))
-  return jax.jit(step, in_shardings=(replicated, batch_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
-
-
-def global_batch(local_batch, sharding):
-  """Per-process numpy batches -> one global jax.Array per key, sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir, config):
-  """Orbax manager of workdir/checkpoints: async saves, keep_checkpoints newest kept.
-
-  Orbax writes a save into a temporary folder and renames it on commit; it deletes the
-  checkpoints beyond keep_checkpoints only after the new one is committed. Temporary folders
-  left by a killed save are removed when the next manager opens the directory.
-  """
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.training.keep_checkpoints,
-                                         create=True, enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
-
-
-def abstract_state(config, model, tx, mesh):
-  """Shapes, dtypes and (replicated) shardings of the state: the restore target."""
-  shapes = jax.eval_shape(lambda: init_state(config, model, tx))
-  replicated = NamedSharding(mesh, P())
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                      shapes)
-
-
-def restore_latest(mngr, target, *, with_data=True):
-  """Restores the newest checkpoint that reads back; warns about and skips broken ones.
-
-  A checkpoint that raises on restore (truncated or missing files, a shape that does not match
-  `target`) or that holds a non-finite float is skipped with a warning, and the next older one
-  is tried. Orbax writes each checkpoint into a temporary folder and renames it on commit, so a
-  save cut short (SIGKILL, node failure) never shows up in `mngr.all_steps()` at all.
-
-  Returns (step, state, data_state) or None when no checkpoint can be read.
-  """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      args = {'state': ocp.args.StandardRestore(target)}
-      if with_data:
-        args['data'] = ocp.args.JsonRestore()
-      restored = mngr.restore(step, args=ocp.args.Composite(**args))
-      state = restored['state']
-      if not _all_finite(state):
-        raise ValueError('non-finite values in the checkpoint')
-      return step, state, restored.get('data') if with_data else None
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('checkpoint at step %d cannot be restored (%s: %s); trying an older one',
-                      step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
-  return None
-
-
-def _all_finite(tree):
-  """True when every float leaf of `tree` is finite (one small reduction per leaf)."""
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(x.dtype, jnp.floating))
-
-
-def _set_aside_newer(mngr, step, workdir):
-  """Moves checkpoints newer than `step` (the ones that failed to restore) out of the way.
-
-  They are renamed into workdir/unreadable_checkpoints/ (kept for a post-mortem, never deleted)
-  so that the resumed run can write its own checkpoints at those steps. Process 0 moves them;
-  every process then re-reads the checkpoint list.
-  """
-  newer = [s for s in mngr.all_steps() if step is None or s > step]
-  if not newer:
-    return
-  if jax.process_index() == 0:
-    aside = os.path.join(workdir, 'unreadable_checkpoints')
-    os.makedirs(aside, exist_ok=True)
-    for s in newer:
-      dest = os.path.join(aside, f'{s}.{int(time.time())}')
-      os.replace(os.path.join(str(mngr.directory), str(s)), dest)
-      logging.warning('moved the unreadable checkpoint at step %d to %s', s, dest)
-  ocp.multihost.sync_global_processes('set_aside_unreadable_checkpoints')
-  mngr.reload()
+  step = make_multi_step(make_train_step(config, model, schedule, tx, conditioner), k, unroll)
+  replicated = sharding.replicated(mesh)
+  rows = sharding.batch_sharding(mesh, leading_axes=0 if k == 1 else 1)
+  return jax.jit(step, in_shardings=(replicated, rows),
+                 out_shardings=(replicated, replicated), donate_argnums=0), rows
 
 
 # ----------------------------------------------------------------------------- logging
 
 
 class MetricWriter:
-  """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only."""
+  """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only.
+
+  `write(step, values)` takes numbers (scalars in both) and images as (uint8 [H, W, C], the path
+  of its PNG relative to the workdir): the image goes to TensorBoard, its path to the jsonl, so
+  that the jsonl has everything TensorBoard has.
+  """
 
   def __init__(self, workdir):
     self.active = jax.process_index() == 0
@@ -265,54 +181,26 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(logdir=workdir)
 
-  def write(self, step, metrics):
+  def write(self, step, values):
     if not self.active:
       return
-    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    record = {'step': int(step)}
+    for k, v in values.items():
+      if isinstance(v, tuple):
+        image, path = v
+        self._tb.add_image(k, image, int(step), dataformats='HWC')
+        record[k] = path
+      else:
+        record[k] = float(v)
+        self._tb.add_scalar(k, float(v), int(step))
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(k, float(v), int(step))
     self._tb.flush()
 
   def close(self):
     if self.active:
       self._jsonl.close()
       self._tb.close()
-
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop reads between steps (single-process runs).
-
-  A second SIGINT (Ctrl-C twice) interrupts at once. In a multi-process run no Python handler
-  is installed: jax.distributed's preemption service catches SIGTERM on any process and the
-  loop asks `multihost_utils.reached_preemption_sync_point` every step, so that every process
-  stops and saves at the same step (a flag set on one process alone would leave the others
-  waiting in a collective).
-  """
-
-  def __init__(self, install=True):
-    self.signal = None
-    self._old = {}
-    if not install:
-      return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. under some test runners)
-        pass
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal == 'SIGINT' and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
-    logging.warning('received %s: finishing the current step, then saving a checkpoint',
-                    self.signal)
-
-  def restore(self):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
 
 
 def _write_atomically(path, text):
@@ -337,7 +225,8 @@ def _check_workdir_config(workdir, config, allow_config_change):
   if os.path.exists(path):
     try:
       with open(path) as f:
-        saved = json.load(f)
+        # Filled with today's defaults: a field added since the run was saved is not a change.
+        saved = config_lib.to_dict(config_lib.from_dict(json.load(f)))
     except (OSError, ValueError) as e:
       logging.warning('cannot read %s (%s); it will be rewritten', path, e)
   if saved is not None:
@@ -370,15 +259,30 @@ def _trim_metrics(workdir, step):
   _write_atomically(path, ''.join(kept))
 
 
-def _fmt_time(seconds):
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
 # ----------------------------------------------------------------------------- the loop
 
+# {"step": N, "hooks": [names]}: the hooks a stop interrupted at step N, redone when the run
+# resumes from the checkpoint at N (a file beside config.json, written atomically).
+PENDING_HOOKS_FILE = 'pending_hooks.json'
 
-def train(config, workdir, *, allow_config_change=False, stop_after=None):
+
+def _read_pending(workdir, step):
+  path = os.path.join(workdir, PENDING_HOOKS_FILE)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return []
+  return list(record.get('hooks', [])) if record.get('step') == step else []
+
+
+def _write_pending(workdir, step, names):
+  if jax.process_index() == 0:
+    _write_atomically(os.path.join(workdir, PENDING_HOOKS_FILE),
+                      json.dumps({'step': int(step), 'hooks': list(names)}))
+
+
+def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=None):
   """Trains (or resumes) the run in `workdir`; returns the final TrainState.
 
   Reliability contract (tests/test_reliability.py, bench/kill_resume.py):
@@ -387,7 +291,8 @@ def train(config, workdir, *, allow_config_change=False, stop_after=None):
       and the data position are restored, so the rest of the run is bit for bit the
       uninterrupted one on the same device count; any other device count also restores.
     * SIGTERM / SIGINT (or a multi-host preemption notice): the current step finishes, a
-      checkpoint is written at that step, and train returns.
+      checkpoint is written at that step, and train returns. A hook that is running (a sample
+      grid, in-loop FID) stops at its next chunk; it is redone when the run resumes.
     * Non-finite loss or gradient: the update is skipped and counted (metric
       'nonfinite_total'); after training.max_nonfinite_steps in a row (detected at most one
       dispatch late), FloatingPointError. Checkpoints only ever hold finite values.
@@ -397,6 +302,10 @@ def train(config, workdir, *, allow_config_change=False, stop_after=None):
   Args:
     config: the experiment config (validated here again).
     workdir: run directory; checkpoints/, metrics.jsonl, config.json, TensorBoard files.
+    hooks: periodic work, each a callable hook(step, ema_params, stop) -> dict of metrics
+      (numbers, uint8 images, strings) or None, with attributes `name` and `every` (run when
+      step % every == 0 and at the last step; 0 = never); `stop()` is True once a stop is
+      requested, and a hook raises progress.Interrupted between its chunks then.
     allow_config_change: resume even though config.json differs.
     stop_after: stop (with a checkpoint) once this many steps are done, as if preempted;
       used by tests of exact resumption.
@@ -408,14 +317,14 @@ def train(config, workdir, *, allow_config_change=False, stop_after=None):
   """
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   # Installed first: a signal during restore or compilation still ends with a checkpoint.
-  stop = _StopRequest(install=jax.process_count() == 1)
+  stop = progress.StopRequest(install=jax.process_count() == 1)
   workdir = os.path.abspath(workdir)
-  mngr = checkpoint_manager(workdir, config)
+  mngr = checkpoints.manager(workdir, keep=config.training.keep_checkpoints)
   try:
     _check_workdir_config(workdir, config, allow_config_change or not mngr.all_steps())
-    mesh = make_mesh()
-    model = models.create_model(config)
-    schedule = get_schedule(config)
+    mesh = sharding.make_mesh()
+    model = experiment.model(config)
+    schedule = experiment.schedule(config)
     tx = make_optimizer(config)
     try:
       ds = data_lib.get_dataset(config)
@@ -423,14 +332,16 @@ def train(config, workdir, *, allow_config_change=False, stop_after=None):
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
 
     target = abstract_state(config, model, tx, mesh)
-    restored = restore_latest(mngr, target)
+    restored = checkpoints.restore_train_state(mngr, target)
     if restored is None and mngr.all_steps():
       raise config_lib.ConfigError(
           f'none of the checkpoints {mngr.all_steps()} in {mngr.directory} can be restored (see '
           'the warnings above); move them away to start afresh')
+    pending = []
     if restored is not None:
-      step, state, data_state = restored
-      _set_aside_newer(mngr, step, workdir)
+      step, state, data_state, _ = restored
+      pending = _read_pending(workdir, step)
+      checkpoints.set_aside_newer(mngr, step, workdir)
       try:
         ds.set_state(data_state)
       except ValueError as e:  # e.g. another process count: the stream cannot be re-cut
@@ -444,28 +355,28 @@ def train(config, workdir, *, allow_config_change=False, stop_after=None):
                    f'{models.count_params(state.params):,}')
     _trim_metrics(workdir, step)
     return _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop,
-                 stop_after)
+                 stop_after, list(hooks), pending)
   finally:
     mngr.wait_until_finished()
     mngr.close()
     stop.restore()
 
 
-def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after):
+def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after,
+          hooks, pending):
   """The training loop of `train`, from `state` at `step`; returns the last state."""
   tc = config.training
   k = tc.steps_per_dispatch
-  step_fn, batch_sharding = compile_train_step(config, model, schedule, tx, mesh)
+  step_fn, rows = compile_train_step(config, model, schedule, tx, mesh)
+  lr_at = learning_rate(config)
   writer = MetricWriter(workdir)
-  evaluator = None
-  if tc.eval_every > 0:
-    import eval_lib  # pylint: disable=g-import-not-at-top
-    evaluator = eval_lib.InLoopEvaluator(config)
   end = tc.num_steps if stop_after is None else min(tc.num_steps, stop_after)
-  pending = []  # device metrics since the last log; fetched only at log steps
+  logged_metrics = []  # device metrics since the last log; fetched only at log steps
   last_time, last_step, start_step = time.time(), step, step
   last_saved = step if step in mngr.all_steps() else None
   unchecked = None  # (step, device streak) of the last dispatch, checked one dispatch later
+  # Hooks a stop cut short are redone first, at the restored step.
+  redo = [h for h in hooks if h.name in pending]
 
   def check_streak(at_step, streak):
     streak = int(streak)
@@ -478,21 +389,54 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
 
   def save(at_step, state):
     nonlocal last_saved
-    if at_step == last_saved:  # e.g. a stop signal right after a periodic save
+    if at_step == last_saved:  # e.g. a stop right after a periodic save
       return
-    # Skipped updates keep the state finite; this guard makes it a guarantee.
-    if not _all_finite(state):
-      raise FloatingPointError(f'non-finite values in the state at step {at_step}; not saved')
-    mngr.save(at_step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave(ds.get_state())),
-              force=True)
+    checkpoints.save(mngr, at_step, state, ds.get_state())
     last_saved = at_step
 
+  def run_hooks(at_step, due):
+    """Runs the due hooks; returns the names of those a stop interrupted (and the rest)."""
+    stop_fn = stop if jax.process_count() == 1 else progress.never
+    for i, hook in enumerate(due):
+      try:
+        values = hook(at_step, state.ema_params, stop_fn)
+      except progress.Interrupted as e:
+        names = [h.name for h in due[i:]]
+        logging.warning('%s; the checkpoint at step %d records %s, redone when the run resumes',
+                        e, at_step, ', '.join(names))
+        return names
+      if values:
+        writer.write(at_step, values)
+        scalars = {n: v for n, v in values.items() if not isinstance(v, tuple)}
+        if scalars:
+          logging.info('step %d  %s', at_step,
+                       '  '.join(f'{n} {v:.4g}' for n, v in scalars.items()))
+    return []
+
+  def stop_and_save(at_step, interrupted=()):
+    if unchecked is not None:
+      check_streak(*unchecked)
+    save(at_step, state)
+    mngr.wait_until_finished()
+    if interrupted:
+      _write_pending(workdir, at_step, interrupted)
+    logging.warning('received %s: saved a checkpoint at step %d in %s; rerun the same '
+                    'command to resume', stop.signal or 'a preemption notice', at_step,
+                    mngr.directory)
+
   try:
+    if redo:
+      logging.info('redoing %s at step %d (interrupted before the last save)',
+                   ', '.join(h.name for h in redo), step)
+      interrupted = run_hooks(step, redo)
+      if interrupted:
+        stop_and_save(step, interrupted)
+        return state
+      _write_pending(workdir, step, [])
     while step < end:
       local = [next(ds) for _ in range(k)]
       local = local[0] if k == 1 else {key: np.stack([b[key] for b in local]) for key in local[0]}
-      batch = global_batch(local, batch_sharding)
+      batch = sharding.from_process_rows(local, rows)
       if step == start_step and jax.process_count() > 1:
         # Compile, then wait for every process: the first cross-process collective gives up
         # if the processes reach it far apart (CPU gloo: 30 s), as uneven compile times can.
@@ -500,7 +444,7 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
         ocp.multihost.sync_global_processes('train_step_compiled', timeout=3600)
       state, metrics = step_fn(state, batch)
       step += k
-      pending.append(metrics)
+      logged_metrics.append(metrics)
       # The previous dispatch is done (or nearly) by now: reading its streak does not stall
       # the device, which already holds this step's work.
       if unchecked is not None:
@@ -508,11 +452,12 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
       unchecked = (step, metrics['nonfinite_streak'])
 
       if step % tc.log_every < k or step >= end:
-        fetched = jax.device_get(pending)
-        pending = []
+        fetched = jax.device_get(logged_metrics)
+        logged_metrics = []
         logged = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
         logged.pop('nonfinite_streak')
         logged['nonfinite_total'] = float(int(state.nonfinite_total))
+        logged['lr'] = float(lr_at(step - 1))  # the rate the last update used
         now = time.time()
         rate = (step - last_step) / max(now - last_time, 1e-9)
         last_time, last_step = now, step
@@ -521,29 +466,19 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
         if jax.process_index() == 0:
           logging.info('step %d/%d  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s%s', step,
                        tc.num_steps, logged['loss'], logged['grad_norm'], rate,
-                       _fmt_time((tc.num_steps - step) / max(rate, 1e-9)),
+                       progress.fmt_time((tc.num_steps - step) / max(rate, 1e-9)),
                        f'  skipped {int(logged["nonfinite_total"])} non-finite updates'
                        if logged['nonfinite_total'] else '')
 
       if step % tc.checkpoint_every < k or step >= end:
         check_streak(*unchecked)
         save(step, state)
-      if tc.sample_every and (step % tc.sample_every < k or step >= tc.num_steps):
-        sample_lib.write_training_grid(config, model, schedule, state.ema_params, workdir, step)
-      if evaluator is not None and (step % tc.eval_every < k or step >= tc.num_steps):
-        scores = evaluator(model, schedule, state.ema_params, step)
-        writer.write(step, scores)
-        logging.info('step %d  %s', step,
-                     '  '.join(f'{name} {val:.4g}' for name, val in scores.items()))
+      due = [h for h in hooks if h.every and (step % h.every < k or step >= tc.num_steps)]
+      interrupted = run_hooks(step, due) if due and not stop() else [h.name for h in due]
       # Every process calls the sync point at every step (its contract), hence no short cut.
       preempted = jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
-      if stop.signal is not None or preempted:
-        check_streak(*unchecked)
-        save(step, state)
-        mngr.wait_until_finished()
-        logging.warning('received %s: saved a checkpoint at step %d in %s; rerun the same '
-                        'command to resume', stop.signal or 'a preemption notice', step,
-                        mngr.directory)
+      if stop() or preempted:
+        stop_and_save(step, interrupted)
         break
     if unchecked is not None:
       check_streak(*unchecked)

@@ -2,7 +2,7 @@
 
 The DDPM CIFAR-10 U-Net (configs/cifar10_ddpm.py) plus a learned embedding of the 10 labels (and a
 null label, index 10) added to the time embedding; 10% of the training labels are replaced by the
-null label (training.label_dropout), so the same network is also the unconditional model
+null label (training.cond_dropout), so the same network is also the unconditional model
 (Ho & Salimans 2022). Sampling with config.sampling.guidance_scale = w:
 out = out_uncond + w * (out_cond - out_uncond); w = 0 unconditional, w = 1 plain conditional,
 w > 1 guided (Ho & Salimans' guidance strength is w - 1 in this convention).
@@ -27,6 +27,6 @@ def get_config():
   config = cifar10_ddpm.get_config()
   config.model.num_classes = 10
   config.data.num_classes = 10
-  config.training.label_dropout = 0.1
+  config.training.cond_dropout = 0.1
   config.sampling.guidance_scale = 1.0
   return config

@@ -80,7 +80,9 @@ def get_config():
   training.sample_every = 10_000  # write a sample grid every N steps (0 = never)
   training.num_grid_samples = 64  # images in a training-time grid
   training.ema_rate = 0.9999  # EMA decay of the parameters used for sampling
-  training.label_dropout = 0.1  # class-conditional only: drop labels for classifier-free guidance
+  # classifier-free guidance: probability that an example's guided conditions (labels, text) are
+  # all replaced by their null value in training (conditioning.py)
+  training.cond_dropout = 0.1
   # train steps fused into one compiled call (lax.scan; unrolled on the CPU, where XLA runs the
   # step much slower inside a loop: compile time grows with it there)
   training.steps_per_dispatch = 1
@@ -90,13 +92,18 @@ def get_config():
 
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()
-  # 'ddpm' | 'ddim' | 'dpm_solver_pp_2m' | 'dpm_solver_pp_2m_sde' (its stochastic form) | 'heun'
-  sampling.sampler = 'ddpm'
+  sampling.sampler = 'ddpm'  # a name in diffusion/samplers.py's SAMPLERS
   sampling.num_steps = 1000  # sampler steps (ddpm with < T steps = respaced chain)
-  # timestep spacing: 'leading' | 'trailing'. For the DPM-Solver++ samplers 'leading' is
-  # diffusers' DPM grid (multiples of T // (n + 1), no t = 0 step).
-  sampling.spacing = 'leading'
+  # time grid, any sampler on any grid (diffusion/grids.py): 'leading' | 'trailing' | 'linspace'
+  # | 'dpm' (leading without t = 0) | 'karras' (rho = 7, EDM's) | 'auto' (the sampler's default)
+  sampling.spacing = 'auto'
   sampling.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like
+  # EDM's stochastic churn for 'heun' and 'euler' (diffusion/samplers.py's Churn): 0 = off.
+  # sigma here is EDM's sqrt((1 - abar) / abar); the linear schedule spans 0.0100 to 157.4.
+  sampling.s_churn = 0.0
+  sampling.s_tmin = 0.0
+  sampling.s_tmax = 1e9  # EDM's inf: above every sigma a schedule has
+  sampling.s_noise = 1.0
   sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] at each step
   # ddim: recompute eps from the clipped x0 (diffusers' use_clipped_model_output); helps at high
   # guidance scales, where the raw eps overshoots. False = diffusers' default.

@@ -2,7 +2,7 @@
 
 The U-Net adds a learned label embedding to its time embedding (model.num_classes = 10; label 10 is
 the 'null' label). Training replaces each label by the null label with probability
-training.label_dropout = 0.1, so one network learns both p(x | y) and p(x) (Ho & Salimans 2022).
+training.cond_dropout = 0.1, so one network learns both p(x | y) and p(x) (Ho & Salimans 2022).
 At sampling time config.sampling.guidance_scale = w combines the two predictions as
   out = out_uncond + w * (out_cond - out_uncond):
 w = 0 samples the unconditional model (labels ignored), w = 1 the plain conditional model, and w > 1
@@ -28,7 +28,7 @@ def get_config():
   config = digits.get_config()
   config.model.num_classes = 10
   config.data.num_classes = 10
-  config.training.label_dropout = 0.1
+  config.training.cond_dropout = 0.1
 
   # Deterministic DDIM with 50 steps: enough for these digits, and 20x cheaper than DDPM's 1,000
   # steps (guidance at w not in {0, 1} doubles each model evaluation).

@@ -153,3 +153,13 @@ def to_float(images):
   """uint8 images in [0, 255] -> float32 in [-1, 1] (0 -> -1, 255 -> 1), any shape."""
   # Division by 127.5 maps 255 to exactly 1.0 (multiplying by 2/255 can overshoot by an ulp).
   return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(images):
+  """[-1, 1] float images -> uint8 [0, 255], rounding to the nearest level.
+
+  floor(x * 127.5 + 128) as in EDM/StyleGAN's metrics (truncating (x + 1) * 127.5
+  instead would shift every pixel by half a level on average).
+  """
+  x = np.floor(np.asarray(images, np.float32) * 127.5 + 128.0)
+  return np.clip(x, 0, 255).astype(np.uint8)

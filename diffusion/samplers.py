@@ -1,21 +1,33 @@
 """Samplers for discrete-time diffusion models: one pure step function each, and one loop.
 
-Every sampler walks a descending list of training timesteps t_0 > t_1 > ... > t_{n-1} and ends at
-the clean end t = -1 (abar = 1). The network is a pure function `model_fn(x_t, t) -> model_out`
-with t int32 [B] and model_out of x_t's shape, predicting 'eps', 'x0' or 'v'.
+Every sampler walks a grid of training timesteps t_0 > t_1 > ... > t_{k-1} (diffusion/grids.py:
+the grid is chosen apart from the sampler, as k-diffusion separates `sigmas` from its samplers)
+and ends at the clean end t = -1 (abar = 1). The network is a pure function
+`model_fn(x_t, t) -> model_out` with t int32 [B] and model_out of x_t's shape, predicting 'eps',
+'x0' or 'v'.
 
-Samplers (`SAMPLERS`):
-  'ddpm'             ancestral sampling (Ho et al. 2020), respaced when num_steps < T.
-  'ddim'             DDIM(eta) (Song et al. 2021); eta = 1 is DDPM on the same steps.
-  'dpm_solver_pp_2m' DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep.
+Samplers (`SAMPLERS`), with their default grid (config.sampling.spacing = 'auto'):
+  'ddpm'             ancestral sampling (Ho et al. 2020), respaced when num_steps < T. leading
+  'ddim'             DDIM(eta) (Song et al. 2021); eta = 1 is DDPM on the same steps.  leading
+  'dpm_solver_pp_2m' DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep.    dpm
   'dpm_solver_pp_2m_sde'  its stochastic form (diffusers' 'sde-dpmsolver++'): same steps, fresh
-                     noise at each, like the ancestral sampler.
-  'heun'             EDM's second-order Heun ODE solver (Karras et al. 2022) on the model's grid.
+                     noise at each, like the ancestral sampler.                         dpm
+  'heun'             EDM's second-order Heun ODE solver (Karras et al. 2022).           karras
+  'euler'            k-diffusion's Euler step in sigma space; with the exact network and no
+                     churn it equals DDIM(eta 0) with use_clipped_model_output.         karras
+  'euler_ancestral'  k-diffusion's Euler-ancestral (eta 1): DDPM's posterior noise, so it
+                     equals DDIM(eta 1) with use_clipped_model_output.                  karras
+
+'heun' and 'euler' take EDM's stochastic churn (`Churn`: S_churn, S_tmin, S_tmax, S_noise): before
+a step at sigma in [S_tmin, S_tmax] the sample is noised up to sigma_hat = sigma (1 + gamma),
+gamma = min(S_churn / n, sqrt(2) - 1), and the step starts from sigma_hat. A DDPM network only
+knows its T discrete noise levels, so sigma_hat is rounded to the nearest of them, as EDM's
+`round_sigma` does for its discrete (iDDPM) models.
 
 `ddpm_step` and `ddim_step` reproduce diffusers' DDPMScheduler.step (variance_type='fixed_small')
 and DDIMScheduler.step (set_alpha_to_one=True, use_clipped_model_output=False) to float32
 rounding. To add a sampler, write a function with the signature of `_ddpm` below and name it in
-`SAMPLERS`; `sample` runs any of them in one lax.scan.
+`SAMPLERS`; `sample` runs any of them, on any grid, in one lax.scan.
 """
 
 import dataclasses
@@ -25,44 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import grids
 from diffusion import process
+from diffusion.grids import timesteps  # noqa: F401  (public: diffusion.samplers.timesteps)
 from diffusion.schedules import Schedule
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-# ------------------------------------------------------------------------------------ timesteps
-
-def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading') -> np.ndarray:
-  """Descending training timesteps a sampler visits, with diffusers' `set_timesteps` semantics.
-
-  'leading' (steps_offset 0): arange(n) * (T // n), reversed; e.g. T=1000, n=50: 980, 960, ..., 0.
-  'trailing': round(T - i * T / n) - 1 for i < n; e.g. T=1000, n=50: 999, 979, ..., 19.
-  'linspace': round(linspace(0, T - 1, n)), reversed.
-
-  For 'trailing', diffusers builds the list with a float `arange(T, 0, -T/n)`, which for some n
-  (e.g. T=1000, n=61) overshoots by one element and appends a timestep -1; this function returns
-  exactly n entries, equal to diffusers' first n.
-
-  Args:
-    num_train_timesteps: T.
-    num_steps: n, 1 <= n <= T.
-    spacing: 'leading' | 'trailing' | 'linspace'.
-
-  Returns:
-    int64 [n] array, strictly descending for 'leading' and 'trailing', entries in [0, T-1].
-  """
-  big_t, n = num_train_timesteps, num_steps
-  if not 1 <= n <= big_t:
-    raise ValueError(f'num_steps must be in [1, {big_t}], got {n}')
-  if spacing == 'leading':
-    return (np.arange(n) * (big_t // n))[::-1].astype(np.int64)
-  if spacing == 'trailing':
-    # The same float arange as diffusers (its rounding decides ties), cut to n entries.
-    return np.round(np.arange(big_t, 0, -big_t / n)[:n]).astype(np.int64) - 1
-  if spacing == 'linspace':
-    return np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
-  raise ValueError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
 
 
 # ------------------------------------------------------------------------------------ the steps
@@ -163,12 +143,26 @@ def ddim_step(schedule: Schedule, x_t: jnp.ndarray, model_out: jnp.ndarray, t, t
 
 # ------------------------------------------------------------------ samplers for the sample loop
 
-class Options(NamedTuple):
+class Churn(NamedTuple):
+  """EDM's stochastic churn (Karras et al. 2022, Algorithm 2) for 'heun' and 'euler'.
+
+  s_churn 0 (the default) is the deterministic sampler. EDM's ImageNet-64 setting is
+  Churn(40, 0.05, 50, 1.003); its CIFAR-10 VP/VE models sample best deterministically.
+  """
+  s_churn: float = 0.0  # total added noise over the n steps, as EDM's S_churn
+  s_tmin: float = 0.0  # churn only at sigma >= s_tmin ...
+  s_tmax: float = float('inf')  # ... and sigma <= s_tmax (sigma_edm = sqrt((1 - abar) / abar))
+  s_noise: float = 1.0  # scale of the added noise (EDM: slightly > 1 offsets over-denoising)
+
+
+class StepOptions(NamedTuple):
   """Static options every sampler step receives."""
   prediction: str = 'eps'
   clip_x0: bool = True
   eta: float = 0.0
   use_clipped_model_output: bool = False
+  churn: Churn = Churn()
+  num_steps: int = 1  # n, the churn's S_churn / n
 
 
 def _call(model_fn: ModelFn, x, t):
@@ -176,7 +170,7 @@ def _call(model_fn: ModelFn, x, t):
   return model_fn(x, jnp.full((x.shape[0],), t, dtype=jnp.int32))
 
 
-def _x0_of(schedule, model_fn, x, t, opts: Options):
+def _x0_of(schedule, model_fn, x, t, opts: StepOptions):
   x0, _ = process.predict_x0_eps(schedule, x, t, _call(model_fn, x, t), opts.prediction)
   return _maybe_clip(x0, opts.clip_x0)
 
@@ -256,25 +250,81 @@ def _dpm_solver_pp_2m_sde(schedule, model_fn, x, t, t_prev, state, key, opts):
   return _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts, sde=True)
 
 
-def _heun(schedule, model_fn, x, t, t_prev, state, key, opts):
+def _churn(schedule, x, t, key, opts: StepOptions):
+  """EDM's churn before a step from t: returns (x at t_hat, t_hat), t_hat >= t on the grid of the
+  schedule's T noise levels (x, t unchanged when churn is off or sigma_t is outside its range).
+
+  In y = x / sqrt(abar): y_hat = y + sqrt(sigma_hat^2 - sigma^2) * s_noise * z.
+  """
+  c = opts.churn
+  if c.s_churn == 0:
+    return x, t
+  sig = np.sqrt((1 - np.asarray(schedule.alphas_cumprod, np.float64))
+                / np.asarray(schedule.alphas_cumprod, np.float64))
+  log_sig = jnp.asarray(np.log(sig), jnp.float32)
+  s_t = _edm_sigma(schedule, t, x).reshape(())  # scalar t: every row shares it
+  gamma = jnp.where((s_t >= c.s_tmin) & (s_t <= c.s_tmax),
+                    min(c.s_churn / opts.num_steps, 2 ** 0.5 - 1), 0.0)
+  target = jnp.log(s_t * (1 + gamma))
+  t_hat = jnp.maximum(jnp.argmin(jnp.abs(log_sig - target)).astype(jnp.int32),
+                      jnp.asarray(t, jnp.int32))
+  s_hat = _edm_sigma(schedule, t_hat, x)
+  y_hat = x / _abar(schedule, t, x) ** 0.5 + jnp.sqrt(jnp.maximum(
+      s_hat ** 2 - s_t ** 2, 0.0)) * c.s_noise * jax.random.normal(key, x.shape, x.dtype)
+  x_hat = y_hat * _abar(schedule, t_hat, x) ** 0.5
+  # No churn where gamma rounds to t itself: x unchanged, not rescaled through y (rounding).
+  return jnp.where(t_hat > t, x_hat, x).astype(x.dtype), t_hat
+
+
+def _heun(schedule, model_fn, x, t, t_prev, state, key, opts, second_order=True):
   """EDM Heun step in y = x / sqrt(abar) = x0 + sigma eps: dy/dsigma = (y - D(y, sigma)) / sigma.
 
   The Euler predictor goes to sigma' = sigma_edm(t_prev); the trapezoidal corrector evaluates the
-  model at the grid timestep t_prev. The last step (to sigma = 0) is Euler only, as in EDM.
+  model at t_prev. Steps into t_prev = 0 (the schedule's smallest sigma) and into the clean end
+  are Euler only. EDM corrects every step but the last, whose corrector would divide by sigma =
+  0; its last corrected step lands on sigma_min, where its preconditioned network is nearly the
+  identity. A DDPM network is least accurate at t = 0 (on the digits default its eps error there
+  is twice that at t = 100), and the corrector weighs that eps by (sigma' - sigma) / 2, which at
+  10 steps is 16.6x the weight DDIM gives it: the images came out speckled. With
+  second_order=False this is k-diffusion's Euler step.
   """
-  del key
+  x, t = _churn(schedule, x, t, key, opts)
   a_t, a_p = _abar(schedule, t, x), _abar(schedule, t_prev, x)
   s_t, s_p = _edm_sigma(schedule, t, x), _edm_sigma(schedule, t_prev, x)
   y = x / a_t ** 0.5
   d = (y - _x0_of(schedule, model_fn, x, t, opts)) / s_t
   y_euler = y + (s_p - s_t) * d
+  if not second_order:
+    return (y_euler * a_p ** 0.5).astype(x.dtype), state
 
   def correct(_):
     d2 = (y_euler - _x0_of(schedule, model_fn, y_euler * a_p ** 0.5, t_prev, opts)) / s_p
     return y + (s_p - s_t) * 0.5 * (d + d2)
 
-  y_next = jax.lax.cond(jnp.asarray(t_prev) >= 0, correct, lambda _: y_euler, None)
+  y_next = jax.lax.cond(_heun_corrects(t_prev), correct, lambda _: y_euler, None)
   return (y_next * a_p ** 0.5).astype(x.dtype), state
+
+
+def _euler(schedule, model_fn, x, t, t_prev, state, key, opts):
+  return _heun(schedule, model_fn, x, t, t_prev, state, key, opts, second_order=False)
+
+
+def _euler_ancestral(schedule, model_fn, x, t, t_prev, state, key, opts):
+  """k-diffusion's Euler-ancestral (eta 1): an Euler step down to sigma_down, then fresh noise of
+  std sigma_up, with sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2 and
+  sigma_down^2 = sigma'^2 - sigma_up^2; in y = x / sqrt(abar) that is DDPM's posterior."""
+  a_t, a_p = _abar(schedule, t, x), _abar(schedule, t_prev, x)
+  s_t, s_p = _edm_sigma(schedule, t, x), _edm_sigma(schedule, t_prev, x)
+  y = x / a_t ** 0.5
+  d = (y - _x0_of(schedule, model_fn, x, t, opts)) / s_t
+  s_up = jnp.sqrt(jnp.maximum(s_p ** 2 * (s_t ** 2 - s_p ** 2) / s_t ** 2, 0.0))
+  s_down = jnp.sqrt(jnp.maximum(s_p ** 2 - s_up ** 2, 0.0))
+  y_next = y + (s_down - s_t) * d + s_up * jax.random.normal(key, x.shape, x.dtype)
+  return (y_next * a_p ** 0.5).astype(x.dtype), state
+
+
+def _heun_corrects(t_prev):
+  return jnp.asarray(t_prev) > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,33 +333,28 @@ class Sampler:
 
   Attributes:
     step: the step function (signature above).
+    default_grid: the grid `spacing='auto'` means for this sampler (diffusion/grids.py).
     init_state: x -> the state pytree carried into the first step.
-    evals_per_step: model evaluations of a step that does not end at t = -1.
-    evals_last_step: model evaluations of the step to t = -1.
-    stride_prev: t_prev = t - T // num_steps (diffusers' DDIM rule) instead of the next listed
-      timestep; the two agree for 'leading' spacing and for 'trailing' when n divides T.
-    leading_skips_zero: 'leading' spacing is diffusers' DPMSolverMultistepScheduler grid,
-      multiples of T // (n + 1) from n (T // (n + 1)) down to T // (n + 1), not the DDIM grid
-      that ends at t = 0. A second-order multistep step into t = 0 (sigma ~ 0.01) extrapolates
-      the x0 trend by h / h_prev ~ 4 and blew up the variance on the Gaussian toy.
+    evals: t_prev -> model evaluations of the step that ends at t_prev (int, numpy).
   """
   step: Callable[..., Any]
+  default_grid: str = 'leading'
   init_state: Callable[[jnp.ndarray], Any] = lambda x: ()
-  evals_per_step: int = 1
-  evals_last_step: int = 1
-  stride_prev: bool = False
-  leading_skips_zero: bool = False
+  evals: Callable[[np.ndarray], np.ndarray] = lambda t_prev: np.ones_like(t_prev)
 
 
 SAMPLERS: dict[str, Sampler] = {
     'ddpm': Sampler(_ddpm),
-    'ddim': Sampler(_ddim, stride_prev=True),
-    'dpm_solver_pp_2m': Sampler(_dpm_solver_pp_2m, init_state=_dpm_solver_pp_2m_init,
-                                leading_skips_zero=True),
-    'dpm_solver_pp_2m_sde': Sampler(_dpm_solver_pp_2m_sde, init_state=_dpm_solver_pp_2m_init,
-                                    leading_skips_zero=True),
-    'heun': Sampler(_heun, evals_per_step=2, evals_last_step=1),
+    'ddim': Sampler(_ddim),
+    'dpm_solver_pp_2m': Sampler(_dpm_solver_pp_2m, 'dpm', init_state=_dpm_solver_pp_2m_init),
+    'dpm_solver_pp_2m_sde': Sampler(_dpm_solver_pp_2m_sde, 'dpm',
+                                    init_state=_dpm_solver_pp_2m_init),
+    'heun': Sampler(_heun, 'karras', evals=lambda t_prev: np.where(t_prev > 0, 2, 1)),
+    'euler': Sampler(_euler, 'karras'),
+    'euler_ancestral': Sampler(_euler_ancestral, 'karras'),
 }
+
+CHURN_SAMPLERS = ('heun', 'euler')  # the samplers that take `churn`
 
 
 def _get(sampler: str) -> Sampler:
@@ -318,63 +363,45 @@ def _get(sampler: str) -> Sampler:
   return SAMPLERS[sampler]
 
 
-def _steps_run(num_steps: int, strength: Optional[float]) -> int:
-  """Steps SDEdit runs at a strength, as diffusers' img2img: int(n * strength)."""
-  if strength is None:
-    return num_steps
-  if not 0.0 <= strength <= 1.0:
-    raise ValueError(f'strength must be in [0, 1], got {strength}')
-  return min(int(num_steps * strength), num_steps)
+def grid_name(sampler: str, spacing: str = 'auto') -> str:
+  """The grid a sampler runs on: `spacing`, or its default grid when spacing is 'auto'."""
+  return _get(sampler).default_grid if spacing == 'auto' else spacing
 
 
-def schedule_steps(sampler: str, num_train_timesteps: int, num_steps: int,
-                   spacing: str = 'leading', strength: Optional[float] = None):
+def schedule_steps(sampler: str, schedule: Schedule, num_steps: int, spacing: str = 'auto',
+                   strength: Optional[float] = None):
   """The (t, t_prev) pairs `sample` runs, as two int32 numpy arrays [k] (k = steps run)."""
-  spec = _get(sampler)
-  if spacing == 'leading' and spec.leading_skips_zero:
-    if not 1 <= num_steps < num_train_timesteps:
-      raise ValueError(f'num_steps must be in [1, {num_train_timesteps - 1}] for {sampler} with '
-                       f"'leading' spacing, got {num_steps}")
-    # The DDIM 'leading' grid for n + 1 steps without its last point, t = 0.
-    ts = timesteps(num_train_timesteps, num_steps + 1, 'leading')[:-1]
-  else:
-    ts = timesteps(num_train_timesteps, num_steps, spacing)
-  if spec.stride_prev:
-    prev = np.maximum(ts - num_train_timesteps // num_steps, -1)
-  else:
-    prev = np.append(ts[1:], -1)
-  k = _steps_run(num_steps, strength)
-  return ts[num_steps - k:].astype(np.int32), prev[num_steps - k:].astype(np.int32)
+  return grids.step_pairs(grid_name(sampler, spacing), schedule, num_steps, strength)
 
 
-def num_model_evals(sampler: str, num_steps: int, *, strength: Optional[float] = None,
-                    resample: int = 1) -> int:
+def num_model_evals(sampler: str, schedule: Schedule, num_steps: int, *, spacing: str = 'auto',
+                    strength: Optional[float] = None, resample: int = 1) -> int:
   """Model evaluations of one `sample` call (per example batch).
 
   Args:
     sampler: registry name.
+    schedule: the training schedule (the 'karras' grid depends on it).
     num_steps: sampler steps n.
+    spacing: the grid (see `grid_name`).
     strength: SDEdit strength (None = full chain).
     resample: RePaint repetitions per step.
 
   Returns:
-    The count; e.g. 'ddpm'/'ddim'/'dpm_solver_pp_2m': n, 'heun': 2n - 1.
+    The count; e.g. 'ddpm'/'ddim'/'dpm_solver_pp_2m': the number of steps; 'heun': two per step
+    except the steps into t = 0 and into the clean end.
   """
-  s = _get(sampler)
-  k = _steps_run(num_steps, strength)
-  if k == 0:
-    return 0
-  return resample * ((k - 1) * s.evals_per_step + s.evals_last_step)
+  _, prev = schedule_steps(sampler, schedule, num_steps, spacing, strength)
+  return int(resample * np.sum(_get(sampler).evals(prev)))
 
 
 # ------------------------------------------------------------------------------------ the loop
 
 def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.Array, *,
-           sampler: str = 'ddpm', num_steps: int = 1000, spacing: str = 'leading',
+           sampler: str = 'ddpm', num_steps: int = 1000, spacing: str = 'auto',
            eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
            use_clipped_model_output: bool = False, strength: Optional[float] = None,
            inpaint: Optional[tuple[jnp.ndarray, jnp.ndarray]] = None,
-           resample: int = 1) -> jnp.ndarray:
+           resample: int = 1, churn: Churn = Churn()) -> jnp.ndarray:
   """Generates samples with the named sampler in one lax.scan over its steps.
 
   All keyword arguments are static (Python values); wrap in jax.jit with model_fn closed over (or
@@ -387,7 +414,7 @@ def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.
     rng: PRNG key for the sampler's noise.
     sampler: name in SAMPLERS.
     num_steps: n sampler steps over the T training steps ('ddpm' with n < T is respaced).
-    spacing: timestep spacing, see `timesteps`.
+    spacing: the time grid (diffusion/grids.py), or 'auto' for the sampler's default.
     eta: DDIM stochasticity (ddim only).
     prediction: what model_fn predicts: 'eps' | 'x0' | 'v'.
     clip_x0: clip each predicted x0 to [-1, 1].
@@ -400,15 +427,19 @@ def sample(schedule: Schedule, model_fn: ModelFn, x_init: jnp.ndarray, rng: jax.
       returned sample equals `known` exactly where mask = 1.
     resample: RePaint resampling: every step is repeated `resample` times, jumping back from
       t_prev to t with q(x_t | x_{t_prev}) between repetitions.
+    churn: EDM's stochastic churn for 'heun' and 'euler' (`Churn`; off by default).
 
   Returns:
     x0 samples, x_init's shape and dtype.
   """
   spec = _get(sampler)
-  opts = Options(prediction=prediction, clip_x0=clip_x0, eta=eta,
-                 use_clipped_model_output=use_clipped_model_output)
-  big_t = schedule.num_timesteps
-  ts, ts_prev = schedule_steps(sampler, big_t, num_steps, spacing, strength)
+  churn = Churn(*churn)
+  if churn.s_churn != 0 and sampler not in CHURN_SAMPLERS:
+    raise ValueError(f'churn is for the samplers {CHURN_SAMPLERS}, not {sampler!r}')
+  ts, ts_prev = schedule_steps(sampler, schedule, num_steps, spacing, strength)
+  opts = StepOptions(prediction=prediction, clip_x0=clip_x0, eta=eta,
+                     use_clipped_model_output=use_clipped_model_output, churn=churn,
+                     num_steps=max(len(ts), 1))
   if len(ts) == 0:
     return x_init
   if resample < 1:

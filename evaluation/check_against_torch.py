@@ -86,9 +86,9 @@ def relative_errors(ours, ref):
 
 def jax_stage(ref_path, weights=''):
   """Recomputes the features in JAX; returns {shape: max relative error}."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from evaluation import fid as fid_lib  # pylint: disable=g-import-not-at-top
   from evaluation import inception  # pylint: disable=g-import-not-at-top
-  _, params = inception.load(weights)
+  _, params = fid_lib.load_inception(weights)
   report = {}
   with np.load(ref_path) as ref:
     i = 0
@@ -132,8 +132,9 @@ def main(argv=None):
   if args.stage == 'both':
     ref = ref or os.path.join(tempfile.mkdtemp(), 'torch_features.npz')
     print(f'seed {seed}; torch stage with {args.torch_python}')
-    subprocess.run([args.torch_python, os.path.abspath(__file__), 'torch', '--ref', ref,
-                    '--seed', str(seed)], check=True)
+    subprocess.run([args.torch_python, '-m', 'evaluation.check_against_torch', 'torch', '--ref', ref,
+                    '--seed', str(seed)], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   report = jax_stage(ref, args.weights)
   if args.write_reference:
     write_reference(ref, args.write_reference)

@@ -17,6 +17,7 @@ import re
 import jax
 import numpy as np
 
+from data.preprocess import to_uint8  # noqa: F401  (FID's quantization; re-exported)
 from evaluation import inception
 from evaluation import metrics
 
@@ -24,14 +25,20 @@ from evaluation import metrics
 PIPELINE = 'tf-inception-2015-12-05/pool3/nv_bilinear_float/uint8'
 
 
-def to_uint8(images):
-  """[-1, 1] float images -> uint8 [0, 255], rounding to the nearest level.
+def load_inception(path=''):
+  """The FID network and its params (converting the weights on first use).
 
-  floor(x * 127.5 + 128) as in EDM/StyleGAN's metrics (truncating (x + 1) * 127.5
-  instead would shift every pixel by half a level on average).
+  Args:
+    path: converted .npz ('' = default cache; see `convert_inception.load_or_convert`).
+
+  Returns:
+    (module, params): `module.apply({'params': params}, inception.preprocess(images))` gives
+    pool3 features; params are jax arrays on the default device, float32.
   """
-  x = np.floor(np.asarray(images, np.float32) * 127.5 + 128.0)
-  return np.clip(x, 0, 255).astype(np.uint8)
+  from evaluation import convert_inception  # pylint: disable=g-import-not-at-top
+  params = convert_inception.load_or_convert(path)
+  return (inception.InceptionV3(num_classes=inception.num_classes_of(params)),
+          jax.device_put(params))
 
 
 def _rechunk(batches, batch_size):
@@ -56,11 +63,12 @@ def _rechunk(batches, batch_size):
     yield np.concatenate([merged, pad]), count
 
 
-def compute_features(params, images, batch_size=256, *, with_logits=False, sharding=None):
+def compute_features(params, images, batch_size=256, *, with_logits=False, sharding=None,
+                     on_batch=None):
   """Pool3 features (and logits) of every image of a dataset.
 
   Args:
-    params: Inception params from `inception.load()`.
+    params: Inception params from `load_inception()`.
     images: a uint8 array [N, H, W, C] or an iterable of uint8 batches [b, H, W, C]
       (any b; same H, W, C throughout; C in {1, 3}).
     batch_size: images per Inception call (a multiple of the device count when
@@ -68,6 +76,8 @@ def compute_features(params, images, batch_size=256, *, with_logits=False, shard
     with_logits: also return logits (weights with a classifier head only).
     sharding: optional jax.sharding for each batch, e.g.
       NamedSharding(mesh, P('data')); None = the default device.
+    on_batch: called with the number of real images after each Inception call (progress
+      reports; it may raise to stop between batches).
 
   Returns:
     float32 [N, 2048] numpy; with_logits: (that, float32 [N, K]).
@@ -81,6 +91,8 @@ def compute_features(params, images, batch_size=256, *, with_logits=False, shard
     feats.append(np.asarray(f)[:real])
     if with_logits:
       logits.append(np.asarray(l)[:real])
+    if on_batch is not None:
+      on_batch(real)
   if not feats:
     raise ValueError('no images')
   feats = np.concatenate(feats)
@@ -102,12 +114,14 @@ def local_sharding(batch_size):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
 
 
-def compute_features_all_processes(params, images, batch_size=256, *, with_logits=False):
+def compute_features_all_processes(params, images, batch_size=256, *, with_logits=False,
+                                   on_batch=None):
   """`compute_features` of uint8 images [N, ...] held whole by every process, work split.
 
   Process p embeds its contiguous share of the rows on its own devices; the shares are then
   gathered (jax.experimental.multihost_utils.process_allgather), so every process returns all N
   rows in order. Shares are padded to equal length for the gather and trimmed after it.
+  `on_batch` (see `compute_features`) counts this process's rows.
   """
   images = np.asarray(images)
   n, count = len(images), jax.process_count()
@@ -117,7 +131,7 @@ def compute_features_all_processes(params, images, batch_size=256, *, with_logit
   if len(mine) < per:  # the last shares may be short or empty; pad with copies of row 0
     mine = np.concatenate([mine, np.repeat(images[:1], per - len(mine), 0)])
   out = compute_features(params, mine, batch_size, with_logits=with_logits,
-                         sharding=local_sharding(batch_size))
+                         sharding=local_sharding(batch_size), on_batch=on_batch)
   if count == 1:
     return out
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -177,7 +191,7 @@ def default_stats_path(dataset, split, image_size):
 
 
 def reference_statistics(images, cache_path, *, params=None, batch_size=256,
-                         keep_features=True, sharding=None):
+                         keep_features=True, sharding=None, on_batch=None):
   """A dataset's FID statistics, computed once and cached.
 
   Args:
@@ -185,11 +199,12 @@ def reference_statistics(images, cache_path, *, params=None, batch_size=256,
       of the reference set (not read at all when the cache exists; a callable
       returning such an iterable defers building it).
     cache_path: .npz to read if present, else to write.
-    params: Inception params (None = `inception.load()`).
+    params: Inception params (None = `load_inception()`).
     batch_size: images per Inception call.
     keep_features: also cache the [N, 2048] float32 features (needed for KID;
       ~400 MB for 50k images).
     sharding: optional batch sharding, see `compute_features`.
+    on_batch: see `compute_features`; if it raises, nothing is cached.
 
   Returns:
     dict from `load_stats`.
@@ -197,10 +212,10 @@ def reference_statistics(images, cache_path, *, params=None, batch_size=256,
   if os.path.exists(cache_path):
     return load_stats(cache_path)
   if params is None:
-    _, params = inception.load()
+    _, params = load_inception()
   if callable(images):
     images = images()
-  feats = compute_features(params, images, batch_size, sharding=sharding)
+  feats = compute_features(params, images, batch_size, sharding=sharding, on_batch=on_batch)
   mu, sigma = metrics.statistics(feats)
   save_stats(cache_path, mu, sigma, features=feats if keep_features else None,
              num_images=len(feats))

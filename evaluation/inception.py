@@ -13,7 +13,7 @@ re-quantization after resizing), then mapped to [-1, 0.9921875] by `x / 128 - 1`
 Resizing or quantizing differently moves FID by whole points.
 
 Usage:
-  model, params = inception.load()           # converts the weights on first use
+  model, params = fid.load_inception()       # converts the weights on first use
   feats = inception.features(params, images_uint8)  # [B, 2048] float32
 """
 
@@ -227,21 +227,6 @@ def layer_specs():
   return shapes, convs
 
 
-def load(path=''):
-  """Builds the module and its params (converting the weights on first use).
-
-  Args:
-    path: converted .npz ('' = default cache; see `convert_inception.load_or_convert`).
-
-  Returns:
-    (module, params): `module.apply({'params': params}, preprocess(images))` gives
-    pool3 features; params are jax arrays on the default device, float32.
-  """
-  from evaluation import convert_inception  # pylint: disable=g-import-not-at-top
-  params = convert_inception.load_or_convert(path)
-  return InceptionV3(num_classes=_num_classes(params)), jax.device_put(params)
-
-
 # ----------------------------------------------------------------------------- input pipeline
 
 
@@ -286,7 +271,8 @@ def preprocess(images):
   return jnp.clip(x / 128.0 - 1.0, -1.0, 1.0 - 1.0 / 128.0)
 
 
-def _num_classes(params):
+def num_classes_of(params):
+  """Classes of the logits head in Inception params (0: the FID weights, pool3 only)."""
   return params['logits']['kernel'].shape[-1] if 'logits' in params else 0
 
 
@@ -303,7 +289,7 @@ def features(params, images, with_logits=False):
   Returns:
     float32 [B, 2048]; with_logits: (that, float32 [B, num_classes]).
   """
-  num_classes = _num_classes(params)
+  num_classes = num_classes_of(params)
   if with_logits and not num_classes:
     raise ValueError('these Inception weights carry no classifier head (the bundled FID '
                      'network stops at pool3), so there are no logits / Inception Score')

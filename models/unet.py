@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from models.layers import default_init, group_norm, label_embedding
 from models.layers import timestep_embedding
-from models.winograd import CONV_ALGORITHMS, conv3x3, winograd_tile  # noqa: F401
+from models.winograd import conv3x3
 
 _SUPPORTED_DTYPES = ('float32', 'bfloat16')
 

@@ -13,9 +13,11 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+import checkpoints
 import config_lib
 import main
 import models
+import sharding
 import train_lib
 from tests.tiny import tiny_config
 
@@ -37,8 +39,8 @@ def _config_file(path, overrides):
 def _save_initial_checkpoint(config, workdir):
   """A step-0 checkpoint in train_lib's layout, without compiling a train step."""
   model, tx = models.create_model(config), train_lib.make_optimizer(config)
-  state = train_lib.create_state(config, model, tx, train_lib.make_mesh())
-  mngr = train_lib.checkpoint_manager(workdir, config)
+  state = train_lib.create_state(config, model, tx, sharding.make_mesh())
+  mngr = checkpoints.manager(workdir, keep=config.training.keep_checkpoints)
   mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                        data=ocp.args.JsonSave({})), force=True)
   mngr.wait_until_finished()
@@ -191,9 +193,9 @@ def test_checkpoint_from_8_devices_samples_on_1(runs):
   _, base_workdir = runs['base']
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  code = ('import jax, sample_lib\n'
-          f'config = sample_lib.load_run_config({base_workdir!r})\n'
-          f'step, params = sample_lib.restore_params(config, {base_workdir!r})\n'
+  code = ('import jax, config_lib, experiment\n'
+          f'config = config_lib.load_run_config({base_workdir!r})\n'
+          f'step, params = experiment.restore_params(config, {base_workdir!r})\n'
           'print(jax.device_count(), step, sum(x.size for x in jax.tree.leaves(params)))\n')
   out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()

@@ -42,7 +42,9 @@ BAD_LAUNCHES = [
     (['--config.model.attn_resolutions=(3,)'], 'model.attn_resolutions'),  # never reached
     (['--config.model.ch_mult=(1,2,2,2,2,2)'], 'data.image_size'),  # 16 px cannot go 5 levels
     (['--config.data.image_size=18'], 'data.image_size'),  # not divisible by 4
-    (['--config.sampling.sampler=euler'], 'sampling.sampler'),
+    (['--config.sampling.sampler=lms'], 'sampling.sampler'),
+    (['--config.sampling.s_churn=40'], 'sampling.s_churn'),  # ddpm takes no churn
+    (['--config.sampling.sampler=heun', '--config.sampling.s_noise=0'], 'sampling.s_noise'),
     (['--config.data.dataset=mnist'], 'data.dataset'),
     (['--config.data.dataset=folder:/no/such/dir'], 'data.dataset'),
     (['--config.diffusion.schedule=sigmoid'], 'diffusion.schedule'),
@@ -58,6 +60,15 @@ BAD_LAUNCHES = [
     (['--config.data.crop=square'], 'data.crop'),
     (['--mode=fit'], '--mode'),
     (['--config.model.dtype=float16'], 'model.dtype'),
+    (['--config.model.conv_algorithm=fft'], 'model.conv_algorithm'),
+    (['--config.sampling.spacing=uniform'], 'sampling.spacing'),
+    (['--config.sampling.strength=1.5'], 'sampling.strength'),
+    (['--config.sampling.resample=0'], 'sampling.resample'),
+    (['--config.sampling.mask=m.png'], 'sampling.mask'),  # no init_image
+    (['--config.sampling.cond_image=c.png'], 'sampling.cond_image'),  # not image-conditional
+    (['--config.sampling.cascade_base_config=configs/digits.py'], 'sampling.cascade_base_config'),
+    (['--config.sampling.sampler=dpm_solver_pp_2m', '--config.sampling.num_steps=1000'],
+     'sampling.num_steps'),  # the 'dpm' grid skips t = 0
 ]
 
 
@@ -174,7 +185,29 @@ def test_diff_ignores_resumable_fields_and_lists_the_others():
   assert config_lib.diff(a, json.loads(json.dumps(a))) == []
 
 
-def test_sampler_names_match_the_registry():
-  # config_lib keeps its own copy so a bad launch fails before jax is imported; keep them equal.
-  from diffusion import samplers  # pylint: disable=g-import-not-at-top
-  assert set(config_lib.SAMPLERS) == set(samplers.SAMPLERS)
+def test_name_lists_are_the_registries():
+  """config_lib reads each registry's names from its source (no jax); they must be the ones the
+  imported module registers."""
+  import train_lib  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  from data import preprocess  # pylint: disable=g-import-not-at-top
+  from diffusion import grids, process, samplers, schedules  # pylint: disable=g-import-not-at-top
+  from models import unet, winograd  # pylint: disable=g-import-not-at-top
+  imported = {'schedule': schedules._BETAS, 'prediction': process.PREDICTIONS,
+              'sampler': samplers.SAMPLERS, 'grid': grids.GRIDS, 'optimizer': train_lib.OPTIMIZERS,
+              'model': models._BUILDERS, 'dtype': unet._SUPPORTED_DTYPES,
+              'conv_algorithm': winograd.CONV_ALGORITHMS, 'crop': preprocess.CROPS}
+  assert set(imported) == set(config_lib.REGISTRIES)
+  for kind, registry in imported.items():
+    assert config_lib.choices(kind) == tuple(registry), kind
+  assert config_lib.default_grids() == {k: v.default_grid for k, v in samplers.SAMPLERS.items()}
+
+
+def test_a_saved_config_from_before_a_rename_or_a_new_field_still_resumes():
+  current = config_lib.to_dict(tiny_config())
+  old = json.loads(json.dumps(current))
+  old['training']['label_dropout'] = old['training'].pop('cond_dropout')  # the old name
+  del old['model']['conv_algorithm']  # a field added since
+  restored = config_lib.to_dict(config_lib.from_dict(old))
+  assert config_lib.diff(restored, current) == []
+  assert restored['training']['cond_dropout'] == current['training']['cond_dropout']

@@ -33,7 +33,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def model_and_params():
-  return inception.load()
+  return fid.load_inception()
 
 
 @pytest.fixture(scope='module')

@@ -27,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == '__main__':  # the reference run: 4 devices in this one process
   os.environ['JAX_NUM_CPU_DEVICES'] = '4'
   os.environ.pop('XLA_FLAGS', None)
-  sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -109,7 +108,7 @@ def test_two_processes_preempted_and_resumed_equal_one_process(tmp_path, jax_cac
   ref_dir = tmp_path / 'one'
   env = rel.main_env(jax_cache)
   del env['XLA_FLAGS']
-  reference = subprocess.Popen([sys.executable, os.path.abspath(__file__), 'reference',
+  reference = subprocess.Popen([sys.executable, '-m', 'tests.test_multihost', 'reference',
                                 config_file, str(ref_dir)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -154,6 +153,9 @@ def test_two_processes_preempted_and_resumed_equal_one_process(tmp_path, jax_cac
 
   # Process 0 alone wrote the logs and the image: one record per step, one grid, one event file.
   records = [json.loads(l) for l in metrics.read_text().splitlines()]
+  grids = [r for r in records if 'samples' in r]
+  assert [(r['step'], r['samples']) for r in grids] == [(6, 'samples/train_step_0000006.png')]
+  records = [r for r in records if 'loss' in r]
   assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
   losses_one = [json.loads(l)['loss'] for l in (ref_dir / 'metrics.jsonl').read_text().splitlines()]
   np.testing.assert_allclose([r['loss'] for r in records], losses_one, rtol=1e-5)

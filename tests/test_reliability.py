@@ -18,11 +18,14 @@ import time
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+import checkpoints
 import config_lib
 import data as data_lib
 import models
+import sharding
 import train_lib
 from tests.tiny import tiny_config
 
@@ -88,12 +91,12 @@ def committed_steps(workdir):
 
 def restore(workdir, config):
   """(step, TrainState) of the newest checkpoint in `workdir` that restores, on all devices."""
-  mngr = train_lib.checkpoint_manager(workdir, config)
+  mngr = checkpoints.manager(workdir, keep=config.training.keep_checkpoints)
   try:
     tx = train_lib.make_optimizer(config)
     target = train_lib.abstract_state(config, models.create_model(config), tx,
-                                      train_lib.make_mesh())
-    step, state, _ = train_lib.restore_latest(mngr, target)
+                                      sharding.make_mesh())
+    step, state, _, _ = checkpoints.restore_train_state(mngr, target)
     return step, jax.device_get(state)
   finally:
     mngr.close()
@@ -101,12 +104,12 @@ def restore(workdir, config):
 
 def restore_step(workdir, config, step):
   """The TrainState of checkpoint `step` (no fallback), on all devices."""
-  mngr = train_lib.checkpoint_manager(workdir, config)
+  mngr = checkpoints.manager(workdir, keep=config.training.keep_checkpoints)
   try:
     target = train_lib.abstract_state(config, models.create_model(config),
-                                      train_lib.make_optimizer(config), train_lib.make_mesh())
-    return jax.device_get(mngr.restore(step, args=train_lib.ocp.args.Composite(
-        state=train_lib.ocp.args.StandardRestore(target)))['state'])
+                                      train_lib.make_optimizer(config), sharding.make_mesh())
+    return jax.device_get(mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state'])
   finally:
     mngr.close()
 
@@ -247,7 +250,7 @@ def test_half_written_checkpoint_is_never_listed(reference, tmp_path):
   ckpts = os.path.join(workdir, 'checkpoints')
   shutil.copytree(os.path.join(ckpts, '6'), os.path.join(ckpts, '8.orbax-checkpoint-tmp-123'))
   config = micro_config()
-  mngr = train_lib.checkpoint_manager(workdir, config)
+  mngr = checkpoints.manager(workdir, keep=config.training.keep_checkpoints)
   assert list(mngr.all_steps()) == [2, 4, 6]
   mngr.close()
   step, state = restore(workdir, config)

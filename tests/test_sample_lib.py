@@ -1,7 +1,6 @@
 """sample_lib: guidance arithmetic, input loading, grids, and the exactness of inpainting, SDEdit
 at strength 0 and the cascade's resolution through `generate` (untrained tiny U-Nets)."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import conditioning
 import config_lib
+import experiment
+import image_io
 import models
 import sample_lib
-import train_lib
 from data import preprocess
 from tests.tiny import tiny_config
 
@@ -41,11 +42,16 @@ def _fake_inputs(num_classes=10):
   return config, x, t, y
 
 
+def _guided(model, config, conds, w):
+  apply = lambda x, t, **c: model.apply({}, x, t, train=False, **c)
+  return conditioning.guided_model_fn(apply, conditioning.build(config), conds, w)
+
+
 @pytest.mark.parametrize('w', [0.0, 1.0, 2.5, 7.0])
 def test_guidance_combines_conditional_and_unconditional(w):
   config, x, t, y = _fake_inputs()
   fake = _FakeModel()
-  out = sample_lib.guided_model_fn(fake, {}, config, {'y': y}, w)(x, t)
+  out = _guided(fake, config, {'y': y}, w)(x, t)
   base = np.asarray(x) + 0.01 * np.asarray(t, np.float64)[:, None, None, None]
   cond = base + (3.0 * np.asarray(y) - 7.0)[:, None, None, None]
   uncond = base + (3.0 * 10 - 7.0)  # the null label is num_classes = 10
@@ -80,7 +86,7 @@ def test_guidance_is_the_same_in_eps_x0_and_v():
 
 def test_guidance_ignored_by_unconditional_model():
   config, x, t, _ = _fake_inputs(num_classes=0)
-  out = sample_lib.guided_model_fn(_FakeModel(), {}, config, {}, 3.0)(x, t)
+  out = _guided(_FakeModel(), config, {}, 3.0)(x, t)
   np.testing.assert_allclose(out, np.asarray(x) + 0.01 * np.asarray(t)[:, None, None, None],
                              rtol=1e-6, atol=1e-6)
 
@@ -89,23 +95,23 @@ def test_load_images_png_npz_and_errors(tmp_path):
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)  # non-square: center-cropped to 12x12
   Image.fromarray(rgb).save(tmp_path / 'a.png')
-  got = sample_lib.load_images(str(tmp_path / 'a.png'), 8, 1)
+  got = image_io.load_images(str(tmp_path / 'a.png'), 8, 1)
   want = preprocess.resize(preprocess.to_channels(rgb[4:16], 1), 8)
   assert got.shape == (1, 8, 8, 1) and got.dtype == np.uint8
   np.testing.assert_array_equal(got[0], want)
 
   stack = rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
   np.savez(tmp_path / 'b.npz', images=stack)
-  np.testing.assert_array_equal(sample_lib.load_images(str(tmp_path / 'b.npz'), 8, 1), stack)
+  np.testing.assert_array_equal(image_io.load_images(str(tmp_path / 'b.npz'), 8, 1), stack)
   # Floats are read as the model's [-1, 1] range.
   np.savez(tmp_path / 'c.npz', images=preprocess.to_float(stack))
-  np.testing.assert_array_equal(sample_lib.load_images(str(tmp_path / 'c.npz'), 8, 1), stack)
+  np.testing.assert_array_equal(image_io.load_images(str(tmp_path / 'c.npz'), 8, 1), stack)
 
   with pytest.raises(FileNotFoundError, match='init_image'):
-    sample_lib.load_images(str(tmp_path / 'missing.png'), 8, 1)
+    image_io.load_images(str(tmp_path / 'missing.png'), 8, 1)
   (tmp_path / 'junk.png').write_bytes(b'not an image')
   with pytest.raises(config_lib.ConfigError, match='not a readable image'):
-    sample_lib.load_images(str(tmp_path / 'junk.png'), 8, 1)
+    image_io.load_images(str(tmp_path / 'junk.png'), 8, 1)
 
 
 def test_load_mask_is_binary_white_known(tmp_path):
@@ -113,7 +119,7 @@ def test_load_mask_is_binary_white_known(tmp_path):
   mask[:, :8] = 255  # left half known
   mask[0, 15] = 127  # just below the threshold: unknown
   Image.fromarray(mask).save(tmp_path / 'm.png')
-  got = sample_lib.load_mask(str(tmp_path / 'm.png'), 8)
+  got = image_io.load_mask(str(tmp_path / 'm.png'), 8)
   assert got.shape == (1, 8, 8, 1) and set(np.unique(got)) == {0.0, 1.0}
   np.testing.assert_array_equal(got[0, :, :4, 0], 1.0)
   np.testing.assert_array_equal(got[0, :, 4:, 0], 0.0)
@@ -122,8 +128,8 @@ def test_load_mask_is_binary_white_known(tmp_path):
 def test_make_comparison_aligns_sets_of_different_sizes():
   small = np.zeros((4, 8, 8, 1), np.uint8)
   big = np.full((4, 16, 16, 3), 200, np.uint8)
-  image = sample_lib.make_comparison([small, big], gap=12)
-  grid_small, grid_big = sample_lib.make_grid(small), sample_lib.make_grid(big)
+  image = image_io.make_comparison([small, big], gap=12)
+  grid_small, grid_big = image_io.make_grid(small), image_io.make_grid(big)
   # Both enlarged to 64-pixel tiles: equal grids, side by side with a grey gap.
   assert grid_small.shape[:2] == grid_big.shape[:2]
   assert image.shape == (grid_big.shape[0], 2 * grid_big.shape[1] + 12, 3)
@@ -143,7 +149,7 @@ def tiny_model():
                           'model.ch_mult': (1,), 'model.attn_resolutions': ()})
   model = models.create_model(config)
   params = models.init_params(model, config, jax.random.PRNGKey(1))
-  return config, model, params, train_lib.get_schedule(config)
+  return config, model, params, experiment.schedule(config)
 
 
 def _digits_like(n, seed=0):
@@ -156,7 +162,7 @@ def test_inpainting_keeps_known_pixels_exactly(tiny_model):
   mask = np.zeros((1, 8, 8, 1), np.float32)
   mask[:, 2:6, 1:7] = 1.0
   # RePaint resampling (config.sampling.resample) is covered in tests/test_conditional.py.
-  out = sample_lib.generate(config, model, schedule, params, 10, seed=0,
+  out = sample_lib.sample_images(config, model, schedule, params, 10, seed=0,
                             init_images=preprocess.to_float(known), mask=mask)
   assert out.shape == (10, 8, 8, 1) and out.dtype == np.uint8
   expected = known[np.arange(10) % 3]  # inputs and masks are cycled to num_samples
@@ -168,11 +174,11 @@ def test_inpainting_keeps_known_pixels_exactly(tiny_model):
 def test_sdedit_strength_zero_returns_the_input(tiny_model):
   config, model, params, schedule = tiny_model
   x = _digits_like(8, seed=1)
-  out = sample_lib.generate(config, model, schedule, params, 8, seed=0,
+  out = sample_lib.sample_images(config, model, schedule, params, 8, seed=0,
                             init_images=preprocess.to_float(x), strength=0.0)
   np.testing.assert_array_equal(out, x)
   # A positive strength does change it (so the equality above is not vacuous).
-  out = sample_lib.generate(config, model, schedule, params, 8, seed=0,
+  out = sample_lib.sample_images(config, model, schedule, params, 8, seed=0,
                             init_images=preprocess.to_float(x), strength=0.5)
   assert np.any(out != x)
 
@@ -180,10 +186,10 @@ def test_sdedit_strength_zero_returns_the_input(tiny_model):
 def test_generate_rejects_mismatched_inputs(tiny_model):
   config, model, params, schedule = tiny_model
   with pytest.raises(config_lib.ConfigError, match='do not match'):
-    sample_lib.generate(config, model, schedule, params, 8, seed=0,
+    sample_lib.sample_images(config, model, schedule, params, 8, seed=0,
                         init_images=np.zeros((2, 16, 16, 1), np.float32))
   with pytest.raises(config_lib.ConfigError, match='mask of shape'):
-    sample_lib.generate(config, model, schedule, params, 8, seed=0,
+    sample_lib.sample_images(config, model, schedule, params, 8, seed=0,
                         init_images=np.zeros((2, 8, 8, 1), np.float32),
                         mask=np.ones((1, 4, 4, 1), np.float32))
 
@@ -196,12 +202,12 @@ def test_cascade_output_has_the_upsamplers_resolution(tiny_model, monkeypatch):
   model = models.create_model(config)
   params = models.init_params(model, config, jax.random.PRNGKey(2))
   calls = []
-  real_generate = sample_lib.generate
+  real_generate = sample_lib.sample_images
 
   def spy(*args, **kwargs):
     calls.append(kwargs.get('cond'))
     return real_generate(*args, **kwargs)
-  monkeypatch.setattr(sample_lib, 'generate', spy)
+  monkeypatch.setattr(sample_lib, 'sample_images', spy)
   base, out = sample_lib.sample_cascade(base_config, base_model, base_params, config, model,
                                         params, 8, seed=0)
   assert base.shape == (8, 8, 8, 1)

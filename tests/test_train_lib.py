@@ -9,7 +9,9 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
+import experiment
 import models
+import sharding
 import train_lib
 from tests.tiny import tiny_config
 
@@ -25,11 +27,11 @@ def _one_step(config, devices):
   mesh = Mesh(np.asarray(devices), ('data',))
   model = models.create_model(config)
   tx = train_lib.make_optimizer(config)
-  step_fn, sharding = train_lib.compile_train_step(config, model, train_lib.get_schedule(config),
+  step_fn, rows = train_lib.compile_train_step(config, model, experiment.schedule(config),
                                                    tx, mesh)
   state = train_lib.create_state(config, model, tx, mesh)
   for i in range(2):
-    state, metrics = step_fn(state, train_lib.global_batch(_batch(config, i), sharding))
+    state, metrics = step_fn(state, sharding.from_process_rows(_batch(config, i), rows))
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -51,17 +53,17 @@ def test_train_step_same_on_1_and_8_devices():
 
 def test_nonfinite_update_is_skipped_and_counted():
   config = tiny_config()
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model = models.create_model(config)
   tx = train_lib.make_optimizer(config)
-  step_fn, sharding = train_lib.compile_train_step(config, model, train_lib.get_schedule(config),
+  step_fn, rows = train_lib.compile_train_step(config, model, experiment.schedule(config),
                                                    tx, mesh)
   state = train_lib.create_state(config, model, tx, mesh)
-  state, _ = step_fn(state, train_lib.global_batch(_batch(config, 0), sharding))
+  state, _ = step_fn(state, sharding.from_process_rows(_batch(config, 0), rows))
   before = jax.device_get(state)
   bad = _batch(config, 1)
   bad['image'][0, 0, 0, 0] = np.nan
-  state, metrics = step_fn(state, train_lib.global_batch(bad, sharding))
+  state, metrics = step_fn(state, sharding.from_process_rows(bad, rows))
   after = jax.device_get(state)
   assert float(metrics['nonfinite']) == 1.0
   assert int(after.nonfinite_total) == 1 and int(after.nonfinite_streak) == 1
@@ -69,7 +71,7 @@ def test_nonfinite_update_is_skipped_and_counted():
   for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
                   jax.tree.leaves((after.params, after.ema_params, after.opt_state))):
     np.testing.assert_array_equal(a, b)
-  state, _ = step_fn(state, train_lib.global_batch(_batch(config, 2), sharding))
+  state, _ = step_fn(state, sharding.from_process_rows(_batch(config, 2), rows))
   assert int(jax.device_get(state).nonfinite_streak) == 0
 
 
@@ -111,7 +113,7 @@ def test_multi_step_rolled_and_unrolled_equal_single_steps():
   config = tiny_config(**{'training.batch_size': 8, 'model.ch_mult': (1,),
                           'model.attn_resolutions': ()})
   model, tx = models.create_model(config), train_lib.make_optimizer(config)
-  step = train_lib.make_train_step(config, model, train_lib.get_schedule(config), tx)
+  step = train_lib.make_train_step(config, model, experiment.schedule(config), tx)
   rng = np.random.default_rng(0)
   batches = {'image': rng.uniform(-1, 1, (2, 8, 8, 8, 1)).astype(np.float32),
              'label': rng.integers(0, 10, (2, 8)).astype(np.int32)}

@@ -63,8 +63,8 @@ def test_conv3x3_has_nn_conv_parameters_and_output():
   key = jax.random.key(0)
   ref = nn.Conv(5, (3, 3), padding=1)
   ref_params = ref.init(key, x)['params']
-  for winograd in (0, 2, 4):
-    conv = winograd.Conv3x3(5, winograd=winograd)
+  for tile in (0, 2, 4):
+    conv = winograd.Conv3x3(5, winograd=tile)
     params = conv.init(key, x)['params']
     assert jax.tree.structure(params) == jax.tree.structure(ref_params)
     np.testing.assert_array_equal(params['kernel'], ref_params['kernel'])
