@@ -6,8 +6,8 @@ training iterator exactly as train_lib builds it (data.get_dataset with random f
 float32 output in [-1, 1]): after warm-up batches, `--passes` timed passes of
 `--batches` batches each; prints the median (and min/max) examples/s.
 
-  python bench/data_throughput.py                     # defaults: batch 128, 5 passes x 20
-  python bench/data_throughput.py --num_workers=2     # with grain worker processes
+  python -m bench.data_throughput                     # defaults: batch 128, 5 passes x 20
+  python -m bench.data_throughput --num_workers=2     # with grain worker processes
 
 Noise images are the worst case for PNG decoding (incompressible), so real CIFAR-10
 decodes at least as fast.
@@ -15,14 +15,12 @@ decodes at least as fast.
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_integer('num_examples', 4096, 'examples in the synthetic dataset')
 flags.DEFINE_integer('batch_size', 128, 'batch size (one process)')

@@ -1,7 +1,7 @@
 """Every accelerator figure of the performance issue in one run (one prepared script per lent GPU).
 
-  python bench/gpu.py --out $OUT/gpu.md              # on the device, about 6-8 minutes on an H100
-  python bench/gpu.py --config configs/digits.py --batch 16 --dtypes float32 \
+  python -m bench.gpu --out $OUT/gpu.md              # on the device, about 6-8 minutes on an H100
+  python -m bench.gpu --config configs/digits.py --batch 16 --dtypes float32 \
       --sample_batch 16 --memory_batches 8,16 --sizes 4,8 --out /tmp/gpu.md   # CPU smoke run
 
 Sections, each printed (and appended to --out) as soon as it is measured, so a run cut short by
@@ -23,17 +23,17 @@ on the device: bench/peer_compare.py runs it where it is installed (--peer-pytho
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import config_lib  # noqa: E402
+import experiment  # noqa: E402
+import sharding  # noqa: E402
 import models  # noqa: E402
 import train_lib  # noqa: E402
 from bench import sampling as sampling_bench  # noqa: E402
@@ -79,10 +79,10 @@ def train_memory_bytes(config, batch):
   """XLA's estimate of the compiled train step's device memory at a global batch (bytes)."""
   config.training.batch_size = batch
   config.training.steps_per_dispatch = 1
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model, tx = models.create_model(config), train_lib.make_optimizer(config)
   state = jax.eval_shape(lambda: train_lib.create_state(config, model, tx, mesh))
-  step_fn, _ = train_lib.compile_train_step(config, model, train_lib.get_schedule(config), tx,
+  step_fn, _ = train_lib.compile_train_step(config, model, experiment.schedule(config), tx,
                                             mesh)
   s, c = config.data.image_size, config.data.num_channels
   b = {'image': jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32),
@@ -116,7 +116,7 @@ def main():
   dev = jax.devices()[0]
   report(f'## {dev.device_kind} ({jax.device_count()} x {dev.platform}), '
          f'{datetime.date.today()}, jax {jax.__version__}')
-  report(f'`python bench/gpu.py {" ".join(sys.argv[1:])}`')
+  report(f'`python -m bench.gpu {" ".join(sys.argv[1:])}`')
   report()
 
   peak = None

@@ -5,8 +5,8 @@ regression classifier on the real 16x16 digits (held-out accuracy reported), gen
 --per_class samples of every digit at each guidance scale and prints the fraction that the
 classifier labels as the requested digit.
 
-  python bench/guidance_accuracy.py --workdir runs/digits_cond
-  python bench/guidance_accuracy.py --workdir runs/digits_cond --train_steps 1000 \
+  python -m bench.guidance_accuracy --workdir runs/digits_cond
+  python -m bench.guidance_accuracy --workdir runs/digits_cond --train_steps 1000 \
       --scales 0,1,2,4 --per_class 50 --sampler ddim --num_steps 50
 
 w = 0 is the unconditional model (accuracy near the 10% of chance if the model ignores labels, or
@@ -17,14 +17,12 @@ the first 10 samples of each digit per scale to WORKDIR/samples/guidance_SAMPLER
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_string('config', 'configs/digits_cond.py', 'a class-conditional digits config file')
 flags.DEFINE_string('workdir', None, 'run directory (trained here unless finished already)')
@@ -70,6 +68,8 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import config_lib  # pylint: disable=g-import-not-at-top
+  import experiment  # pylint: disable=g-import-not-at-top
+  import image_io  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import sample_lib  # pylint: disable=g-import-not-at-top
   import train_lib  # pylint: disable=g-import-not-at-top
@@ -99,8 +99,8 @@ def main(argv):
         'digits held out)')
 
   model = models.create_model(config)
-  schedule = train_lib.get_schedule(config)
-  step, params = sample_lib.restore_params(config, FLAGS.workdir, model=model)
+  schedule = experiment.schedule(config)
+  step, params = experiment.restore_params(config, FLAGS.workdir, module=model)
   k = config.model.num_classes
   n = FLAGS.per_class * k
   asked = np.arange(n) % k
@@ -108,16 +108,16 @@ def main(argv):
   tag = '_clipped_eps' if FLAGS.use_clipped_model_output else ''
   for w in [float(s) for s in FLAGS.scales.split(',')]:
     t1 = time.time()
-    out = sample_lib.generate(config, model, schedule, params, n, seed=FLAGS.seed,
+    out = sample_lib.sample_images(config, model, schedule, params, n, seed=FLAGS.seed,
                               guidance_scale=w)
     seconds = time.time() - t1
     # The first 10 of each digit, one digit per column, for a person to look at.
     rows_idx = np.stack([np.flatnonzero(asked == c)[:10] for c in range(k)], axis=1).reshape(-1)
-    sample_lib.write_grid(os.path.join(FLAGS.workdir, 'samples', f'guidance_{FLAGS.sampler}'
+    image_io.write_grid(os.path.join(FLAGS.workdir, 'samples', f'guidance_{FLAGS.sampler}'
                                        f'{FLAGS.num_steps}{tag}_w{w:g}.png'), out[rows_idx], ncol=k)
     pred = clf.predict(out.reshape(n, -1) / 255.0)
     per_class = [float(np.mean(pred[asked == c] == c)) for c in range(k)]
-    evals = samplers.num_model_evals(FLAGS.sampler, FLAGS.num_steps)
+    evals = samplers.num_model_evals(FLAGS.sampler, schedule, FLAGS.num_steps)
     rows.append({'guidance_scale': w, 'accuracy': float(np.mean(pred == asked)),
                  'per_class': per_class, 'num_samples': n,
                  'network_evals_per_sample': evals * (1 if w in (0.0, 1.0) else 2),

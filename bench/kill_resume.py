@@ -1,6 +1,6 @@
 """SIGKILL training at random moments, restart it with the same command, compare with a clean run.
 
-  python bench/kill_resume.py [--trials 10] [--seed 0] [--size tiny|micro]
+  python -m bench.kill_resume [--trials 10] [--seed 0] [--size tiny|micro]
 
 One uninterrupted `python main.py` run gives the reference parameters and its wall time T.
 Then each trial starts a fresh workdir and runs the same command until it completes, killing
@@ -32,7 +32,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, ROOT)
 
 from tests import test_reliability as rel  # noqa: E402  (the helpers the pytest version uses)
 from tests.tiny import tiny_config  # noqa: E402

@@ -12,11 +12,11 @@ worker times a few steps on the same random batch, alternating which goes first.
 be shared, so the load drifts; interleaving makes both sides see similar load and the median of the
 per-round ratios is the figure to quote.
 
-  python bench/peer_compare.py --peer-python /work/torchvenv/bin/python
-  python bench/peer_compare.py --peer-python /work/torchvenv/bin/python --modes train \
+  python -m bench.peer_compare --peer-python /work/torchvenv/bin/python
+  python -m bench.peer_compare --peer-python /work/torchvenv/bin/python --modes train \
       --batch 8 32 --rounds 5 --steps 2
 
-  python bench/peer_compare.py --gpu --modes train --batch 128   # on a GPU: both in bfloat16
+  python -m bench.peer_compare --gpu --modes train --batch 128   # on a GPU: both in bfloat16
 
 Prints one markdown table: img/s of each (medians over rounds) and the ratio ours / peer. With
 --gpu (not yet run: no GPU has been lent) the peer is torch.compile'd, channels_last, under bf16
@@ -53,13 +53,14 @@ class JaxSide:
   """Our model, train step and forward pass, as the project runs them (train_lib, models)."""
 
   def __init__(self):
-    sys.path.insert(0, ROOT)
     import jax  # pylint: disable=g-import-not-at-top
     self.jax = jax
 
   def setup(self, mode, batch, seed, warmup, extra_flags=None):
     import numpy as np  # pylint: disable=g-import-not-at-top
     import config_lib  # pylint: disable=g-import-not-at-top
+    import experiment  # pylint: disable=g-import-not-at-top
+    import sharding  # pylint: disable=g-import-not-at-top
     import models  # pylint: disable=g-import-not-at-top
     import train_lib  # pylint: disable=g-import-not-at-top
     jax = self.jax
@@ -69,16 +70,16 @@ class JaxSide:
     for key, value in (extra_flags or {}).items():
       config_lib.set_field(config, key, value)
     model = models.create_model(config)
-    mesh = train_lib.make_mesh()
+    mesh = sharding.make_mesh()
     x = _batch(batch, seed)
     t0 = time.perf_counter()
     if mode == 'train':
-      schedule = train_lib.get_schedule(config)
+      schedule = experiment.schedule(config)
       tx = train_lib.make_optimizer(config)
       state = train_lib.create_state(config, model, tx, mesh)
-      step_fn, sharding = train_lib.compile_train_step(config, model, schedule, tx, mesh)
-      data = train_lib.global_batch(
-          {'image': x, 'label': np.zeros((batch,), np.int32)}, sharding)
+      step_fn, rows = train_lib.compile_train_step(config, model, schedule, tx, mesh)
+      data = sharding.from_process_rows(
+          {'image': x, 'label': np.zeros((batch,), np.int32)}, rows)
       compiled = step_fn.lower(state, data).compile()
       self.params_count = models.count_params(state.params)
       self.state = state
@@ -230,7 +231,7 @@ class Worker:
 
   def __init__(self, python, kind, threads, env=None):
     self.proc = subprocess.Popen(
-        [python, os.path.abspath(__file__), '--worker', kind, '--threads', str(threads)],
+        [python, '-m', 'bench.peer_compare', '--worker', kind, '--threads', str(threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     self.ask_raw()  # waits for 'ready'
 

@@ -4,26 +4,24 @@ For each (sampler, steps) of --grid: generate --num_samples images with the same
 (and KID) against the dataset's cached Inception statistics (eval_lib.reference_stats) and print a
 markdown table. The README's sampler table is this script's output:
 
-  python bench/sampler_quality.py --workdir runs/digits --num_samples 500
+  python -m bench.sampler_quality --workdir runs/digits --num_samples 500
 
 FID from N samples is biased upward by roughly a constant for a fixed N, so compare rows of one
 table only (all rows share N and the seed), not with FIDs at other N. Inception runs on CPU at
 only a few images per second here: 500 samples per row keep a 12-row table to about an hour on 2
 cores; pass --num_samples 50000 on an accelerator for paper-comparable numbers.
 Smoke run (tiny N, reference statistics of the first few images; the numbers mean nothing):
-  python bench/sampler_quality.py --workdir WORKDIR --num_samples 16 --reference_images 16 \
+  python -m bench.sampler_quality --workdir WORKDIR --num_samples 16 --reference_images 16 \
       --grid 'ddpm:10;ddim:5;dpm_solver_pp_2m:5;heun:3'
 """
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_string('workdir', None, 'training workdir (checkpoints/ and config.json)')
 flags.DEFINE_string('config', '', 'config file (default: the workdir\'s config.json)')
@@ -61,17 +59,16 @@ def main(argv):
   import config_lib  # pylint: disable=g-import-not-at-top
   import data as data_lib  # pylint: disable=g-import-not-at-top
   import eval_lib  # pylint: disable=g-import-not-at-top
+  import experiment  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import sample_lib  # pylint: disable=g-import-not-at-top
-  import train_lib  # pylint: disable=g-import-not-at-top
   from diffusion import samplers  # pylint: disable=g-import-not-at-top
   from evaluation import fid as fid_lib  # pylint: disable=g-import-not-at-top
-  from evaluation import inception  # pylint: disable=g-import-not-at-top
 
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   config = (config_lib.load_config_file(FLAGS.config) if FLAGS.config else
-            sample_lib.load_run_config(FLAGS.workdir))
+            config_lib.load_run_config(FLAGS.workdir))
   grid = parse_grid(FLAGS.grid)
   for name, steps in grid:
     if name not in samplers.SAMPLERS:
@@ -85,10 +82,10 @@ def main(argv):
   clip_x0 = config.sampling.clip_x0 if not FLAGS.clip_x0 else FLAGS.clip_x0 == 'true'
 
   model = models.create_model(config)
-  schedule = train_lib.get_schedule(config)
-  step, params = sample_lib.restore_params(config, FLAGS.workdir, step=FLAGS.checkpoint_step,
-                                           use_ema=config.sampling.use_ema, model=model)
-  _, inception_params = inception.load(config.eval.inception_weights)
+  schedule = experiment.schedule(config)
+  step, params = experiment.restore_params(config, FLAGS.workdir, step=FLAGS.checkpoint_step,
+                                           use_ema=config.sampling.use_ema, module=model)
+  _, inception_params = fid_lib.load_inception(config.eval.inception_weights)
   # Inception pads every call to its batch size: no bigger than needed for tiny smoke runs.
   ibs = min(config.eval.batch_size, max(FLAGS.num_samples, FLAGS.reference_images))
   if FLAGS.reference_images > 0:
@@ -107,21 +104,22 @@ def main(argv):
     real = next(data_lib.get_dataset(config, batch_size=FLAGS.num_samples, process_index=0,
                                      process_count=1, shuffle=True, repeat=True,
                                      seed=FLAGS.seed, uint8=True, augment=False))['image']
-    result = eval_lib.score(real, ref, inception_params, batch_size=ibs)
+    result = eval_lib.fid_kid(real, ref, inception_params, batch_size=ibs)
     rows.append({'sampler': 'real data', 'steps': 0, 'model_evals': 0,
                  'fid': float(result['fid']), 'kid': float(result.get('kid', float('nan'))),
                  'num_samples': FLAGS.num_samples, 'generate_seconds': 0.0})
     print(json.dumps(rows[-1]), flush=True)
   for name, steps in grid:
     t0 = time.time()
-    images = sample_lib.generate(config, model, schedule, params, FLAGS.num_samples,
+    images = sample_lib.sample_images(config, model, schedule, params, FLAGS.num_samples,
                                  seed=FLAGS.seed, sampler=name, num_steps=steps, spacing=spacing,
                                  use_clipped_model_output=FLAGS.use_clipped_model_output,
                                  clip_x0=clip_x0)
     gen_s = time.time() - t0
-    result = eval_lib.score(images, ref, inception_params, batch_size=ibs)
+    result = eval_lib.fid_kid(images, ref, inception_params, batch_size=ibs)
     row = {'sampler': name, 'steps': steps,
-           'model_evals': samplers.num_model_evals(name, steps) * (2 if guided else 1),
+           'model_evals': (samplers.num_model_evals(name, schedule, steps, spacing=spacing)
+                           * (2 if guided else 1)),
            'fid': float(result['fid']), 'kid': float(result.get('kid', float('nan'))),
            'num_samples': FLAGS.num_samples, 'generate_seconds': gen_s,
            'checkpoint_step': step, 'spacing': spacing, 'seed': FLAGS.seed,

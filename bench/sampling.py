@@ -1,36 +1,36 @@
 """Times DDIM sampling as one compiled loop: compile seconds and images/s after compilation.
 
-  python bench/sampling.py --config configs/digits.py --batch 256 --steps 50
-  python bench/sampling.py --config configs/cifar10_ddpm.py --batch 16 --steps 50
+  python -m bench.sampling --config configs/digits.py --batch 256 --steps 50
+  python -m bench.sampling --config configs/cifar10_ddpm.py --batch 16 --steps 50
 
 The whole sampler (noise draw, every network call and update) is one jitted function from
-sample_lib.make_generate_fn; random-init parameters (the speed does not depend on their values).
+sample_lib.compile_sampler; random-init parameters (the speed does not depend on their values).
 """
 
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import config_lib  # noqa: E402
+import experiment  # noqa: E402
+import sharding  # noqa: E402
 import models  # noqa: E402
 import sample_lib  # noqa: E402
-import train_lib  # noqa: E402
 
 
 def bench_sampling(config, batch, steps, sampler='ddim', repeats=2):
   """Returns a dict: compile_s, seconds per call (median of repeats) and images/s."""
   model = models.create_model(config)
   params = models.init_params(model, config, jax.random.PRNGKey(0))
-  mesh = train_lib.make_mesh()
-  generate = sample_lib.make_generate_fn(
-      config, model, train_lib.get_schedule(config), mesh, sampler=sampler, num_steps=steps,
+  mesh = sharding.make_mesh()
+  generate = sample_lib.compile_sampler(
+      config, model, experiment.schedule(config), experiment.conditioner(config), mesh,
+      sampler=sampler, num_steps=steps,
       spacing=config.sampling.spacing, eta=0.0, clip_x0=True, guidance_scale=1.0)
   kwargs = {}
   if config.model.num_classes > 0:

@@ -1,25 +1,24 @@
 """Times the compiled train step: img/s after warm-up (median of several), XLA FLOPs per example
 and the achieved FLOP/s.
 
-  python bench/train_step.py --config configs/digits.py --batch 64
-  python bench/train_step.py --config configs/cifar10_ddpm.py --batch 8 --repeats 5
+  python -m bench.train_step --config configs/digits.py --batch 64
+  python -m bench.train_step --config configs/cifar10_ddpm.py --batch 8 --repeats 5
 
 Runs on whatever devices JAX sees (batch sharded over all of them, as in training).
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import config_lib  # noqa: E402
+import experiment  # noqa: E402
+import sharding  # noqa: E402
 import models  # noqa: E402
 import train_lib  # noqa: E402
 
@@ -28,12 +27,12 @@ def bench_train_step(config, batch, repeats, warmup=2, steps_per_call=1):
   """Returns a dict of figures for one config at one global batch size."""
   config.training.batch_size = batch
   config.training.steps_per_dispatch = steps_per_call
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model = models.create_model(config)
-  schedule = train_lib.get_schedule(config)
+  schedule = experiment.schedule(config)
   tx = train_lib.make_optimizer(config)
   state = train_lib.create_state(config, model, tx, mesh)
-  step_fn, sharding = train_lib.compile_train_step(config, model, schedule, tx, mesh)
+  step_fn, rows = train_lib.compile_train_step(config, model, schedule, tx, mesh)
   rng = np.random.default_rng(0)
   s, c = config.data.image_size, config.data.num_channels
   lead = (batch,) if steps_per_call == 1 else (steps_per_call, batch)
@@ -42,7 +41,7 @@ def bench_train_step(config, batch, repeats, warmup=2, steps_per_call=1):
   if config.model.cond_channels:
     r = config.data.low_res_size
     local['low_res'] = rng.uniform(-1, 1, lead + (r, r, c)).astype(np.float32)
-  b = train_lib.global_batch(local, sharding)
+  b = sharding.from_process_rows(local, rows)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, b).compile()
