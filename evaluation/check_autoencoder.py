@@ -96,10 +96,12 @@ def torch_stage(out_dir, seed):
 
   with torch.device('meta'):  # shapes only: SD's ~335 MB of float32 is never allocated
     sd = AutoencoderKL(**_diffusers_kwargs(SD_CONFIG))
-  sd_keys = {'config': dict(sd.config),
+  # Private entries (_use_default_values is an unordered set) would make the file differ run to
+  # run; the config fields proper are all the jax stage reads.
+  sd_keys = {'config': {k: v for k, v in sd.config.items() if not k.startswith('_')},
              'shapes': {k: list(v.shape) for k, v in sd.state_dict().items()}}
   with open(os.path.join(out_dir, 'sd_keys.json'), 'w') as f:
-    json.dump(sd_keys, f, default=list)
+    json.dump(sd_keys, f, default=list, sort_keys=True)
 
 
 def relative_error(ours, ref):
