@@ -16,7 +16,7 @@ import optax
 import pytest
 import safetensors.numpy
 
-from diffusion import autoencoder_loss
+from models import autoencoder_loss
 from evaluation import check_autoencoder
 from models import autoencoder as ae
 from models import count_params
