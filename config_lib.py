@@ -67,6 +67,7 @@ REGISTRIES = {
     'sampler': ('diffusion/samplers.py', 'SAMPLERS'),
     'grid': ('diffusion/grids.py', 'GRIDS'),
     'optimizer': ('train_lib.py', 'OPTIMIZERS'),
+    'lr_schedule': ('train_lib.py', 'LR_SCHEDULES'),
     'model': ('models/__init__.py', '_BUILDERS'),
     'dtype': ('models/unet.py', '_SUPPORTED_DTYPES'),
     'conv_algorithm': ('models/winograd.py', 'CONV_ALGORITHMS'),
@@ -227,6 +228,38 @@ def check_cascade(base_config, config):
                       f'{config.model.cond_channels}')
 
 
+def _check_latent(config):
+  """config.latent: the autoencoder folder is there and fits; returns the side of what the
+  model denoises (data.image_size, or its latent's)."""
+  lat, d = config.latent, config.data
+  if not lat.autoencoder:
+    return d.image_size
+  folder = lat.autoencoder
+  for name in ('config.json', 'diffusion_pytorch_model.safetensors'):
+    _check(os.path.isfile(os.path.join(folder, name)), 'latent.autoencoder',
+           f'{os.path.join(folder, name)} not found: give a diffusers AutoencoderKL folder '
+           '(e.g. a download of stabilityai/sd-vae-ft-ema) or set it to \'\' for pixel space')
+  with open(os.path.join(folder, 'config.json')) as f:
+    cfg = json.load(f)
+  factor = 2 ** (len(cfg.get('block_out_channels', (0,))) - 1)
+  _check(d.image_size % factor == 0, 'data.image_size',
+         f'{d.image_size} is not divisible by the autoencoder\'s downsampling factor {factor}')
+  _check(cfg.get('in_channels', 3) == d.num_channels, 'data.num_channels',
+         f"{d.num_channels} differs from the autoencoder's in_channels = {cfg.get('in_channels')}")
+  _number_in(config, 'latent.scale_factor', 0.0, None)
+  _one_of(config, 'latent.dtype', 'dtype')
+  s = config.sampling
+  _check(not s.clip_x0, 'sampling.clip_x0', 'must be false with latent diffusion: latents are '
+         'not bounded to [-1, 1] (set --config.sampling.clip_x0=false)')
+  for field, value in (('sampling.init_image', s.init_image), ('sampling.cond_image', s.cond_image),
+                       ('sampling.cascade_base_workdir', s.cascade_base_workdir),
+                       ('model.cond_channels', config.model.cond_channels),
+                       ('eval.bpd_num_examples', config.eval.bpd_num_examples)):
+    _check(not value, field, 'is not supported with latent diffusion (config.latent.autoencoder) '
+           'yet; leave it unset')
+  return d.image_size // factor
+
+
 def _get(config, path):
   node = config
   for part in path.split('.'):
@@ -265,14 +298,16 @@ def validate(config, *, num_devices=1, process_count=1):
   _check(d.num_channels in (1, 3), 'data.num_channels', f'must be 1 or 3, got {d.num_channels!r}')
   _one_of(config, 'data.crop', 'crop')
   _one_of(config, 'model.name', 'model')
+  size = _check_latent(config)  # the side of what the model denoises
   _check(len(m.ch_mult) > 0 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),
          'model.ch_mult', f'must be a non-empty tuple of positive ints, got {m.ch_mult!r}')
   levels = len(m.ch_mult)
   factor = 2 ** (levels - 1)
-  _check(d.image_size % factor == 0, 'data.image_size',
-         f'{d.image_size} is not divisible by 2**(len(model.ch_mult)-1) = {factor}; '
+  what = 'data.image_size' if size == d.image_size else f'the latent size {size} of data.image_size'
+  _check(size % factor == 0, 'data.image_size',
+         f'{what} is not divisible by 2**(len(model.ch_mult)-1) = {factor}; '
          f'use a multiple of {factor} or fewer levels in model.ch_mult')
-  reached = [d.image_size // 2 ** i for i in range(levels)]
+  reached = [size // 2 ** i for i in range(levels)]
   for r in m.attn_resolutions:
     _check(r in reached, 'model.attn_resolutions',
            f'resolution {r} is never reached by the model (feature-map sizes: {reached})')
@@ -305,6 +340,9 @@ def validate(config, *, num_devices=1, process_count=1):
   _check(0 < df.beta_start < df.beta_end < 1, 'diffusion.beta_start',
          f'need 0 < beta_start < beta_end < 1, got {df.beta_start}, {df.beta_end}')
   _one_of(config, 'optim.optimizer', 'optimizer')
+  _one_of(config, 'optim.lr_schedule', 'lr_schedule')
+  _check(isinstance(tr.ema_warmup, bool), 'training.ema_warmup',
+         f'must be true or false, got {tr.ema_warmup!r}')
   _number_in(config, 'optim.lr', 0.0, None, low_open=True)
   _number_in(config, 'optim.grad_clip', 0.0, None)
   _number_in(config, 'optim.b1', 0.0, 1.0)

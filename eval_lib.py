@@ -22,6 +22,7 @@ import numpy as np
 import conditioning
 import data as data_lib
 import experiment
+import latent_space
 import progress
 import sample_lib
 from diffusion import losses
@@ -112,11 +113,11 @@ def bits_per_dim(config, model, schedule, params, num_examples, seed=0, stop=Non
   return float(np.concatenate(values)[:num_examples].mean())
 
 
-def eval_samples(config, model, schedule, params, n, stop=None):
+def eval_samples(config, model, schedule, params, n, stop=None, latent=None):
   """n uint8 samples; an upsampler is conditioned on the low-res images of the first n examples."""
   cond = sample_lib.dataset_condition(config, n) if config.model.cond_channels > 0 else None
   return sample_lib.sample_images(config, model, schedule, params, n, seed=config.sampling.seed,
-                                  cond=cond, stop=stop, what='eval samples')
+                                  cond=cond, stop=stop, what='eval samples', latent=latent)
 
 
 def _append_record(workdir, record):
@@ -166,10 +167,12 @@ class FidHook:
     self.ref = reference_stats(config, params=self.params)
     self._model = experiment.model(config)
     self._schedule = experiment.schedule(config)
+    self._latent = latent_space.load(config)  # once, not at every evaluation
 
   def __call__(self, step, ema_params, stop=None):
     n = self.config.training.eval_num_samples
-    images = eval_samples(self.config, self._model, self._schedule, ema_params, n, stop=stop)
+    images = eval_samples(self.config, self._model, self._schedule, ema_params, n, stop=stop,
+                          latent=self._latent)
     result = fid_kid(images, self.ref, self.params, batch_size=self.config.eval.batch_size,
                      stop=stop)
     # Labelled with N: FID from few samples is biased upward, comparable only at equal N.

@@ -32,6 +32,8 @@ import conditioning
 import config_lib
 import experiment
 import image_io
+import latent_space
+import models
 import progress
 import sharding
 from data import preprocess
@@ -53,8 +55,11 @@ def sampler_options(config, **overrides):
 
 def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_steps, spacing,
                     eta, clip_x0, guidance_scale, task='sample', strength=None, resample=1,
-                    use_clipped_model_output=False, churn=samplers.Churn()):
+                    use_clipped_model_output=False, churn=samplers.Churn(), latent=None):
   """A jitted (params, rng, conds, batch_size, images, mask) -> images in [-1, 1].
+
+  With `latent` (latent_space.LatentSpace) the sampler runs on latents and the result is decoded;
+  the autoencoder's params enter the compiled program as an argument, not as constants.
 
   task 'sample' starts from N(0, I) and ignores images, mask, strength and resample;
   'img2img' starts from `images` noised to `strength` (SDEdit); 'inpaint' starts from noise and
@@ -64,10 +69,10 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
   """
   if task not in TASKS:
     raise ValueError(f'task must be one of {TASKS}, got {task!r}')
-  size, ch = config.data.image_size, config.data.num_channels
+  shape = tuple(models.input_shape(config))
   rows = sharding.batch_sharding(mesh)
 
-  def generate_batch(params, rng, conds, batch_size, images=None, mask=None):
+  def generate_batch(params, ae_params, rng, conds, batch_size, images=None, mask=None):
     init_rng, loop_rng = jax.random.split(rng)
     apply = lambda x, t, **c: model.apply({'params': params}, x, t, train=False, **c)
     model_fn = conditioning.guided_model_fn(apply, conditioner, conds, guidance_scale)
@@ -76,17 +81,24 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
       x_init = images
       extra['strength'] = strength
     else:
-      x_init = jax.random.normal(init_rng, (batch_size, size, size, ch), jnp.float32)
+      x_init = jax.random.normal(init_rng, (batch_size,) + shape, jnp.float32)
       if task == 'inpaint':
         extra.update(inpaint=(images, mask), resample=resample)
     x_init = jax.lax.with_sharding_constraint(x_init, rows)
-    return samplers.sample(schedule, model_fn, x_init, loop_rng, sampler=sampler,
-                           num_steps=num_steps, spacing=spacing, eta=eta,
-                           prediction=config.diffusion.prediction, clip_x0=clip_x0,
-                           use_clipped_model_output=use_clipped_model_output, churn=churn,
-                           **extra)
+    x = samplers.sample(schedule, model_fn, x_init, loop_rng, sampler=sampler,
+                        num_steps=num_steps, spacing=spacing, eta=eta,
+                        prediction=config.diffusion.prediction,
+                        clip_x0=clip_x0,
+                        use_clipped_model_output=use_clipped_model_output, churn=churn, **extra)
+    return x if latent is None else latent.decode(ae_params, x)
 
-  return jax.jit(generate_batch, static_argnums=3, out_shardings=rows)
+  gen = jax.jit(generate_batch, static_argnums=4, out_shardings=rows)
+  ae_params = None if latent is None else jax.device_put(latent.params,
+                                                          sharding.replicated(mesh))
+
+  def generate(params, rng, conds, batch_size, images=None, mask=None):
+    return gen(params, ae_params, rng, conds, batch_size, images, mask)
+  return generate
 
 
 def _cycle(a, n):
@@ -123,7 +135,7 @@ def default_conds(config, n, *, cond=None, labels=None):
 
 def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=None, cond=None,
                   labels=None, conds=None, conditioner=None, init_images=None, mask=None,
-                  stop=None, what='sampling', **overrides):
+                  stop=None, what='sampling', latent=None, **overrides):
   """Generates `num_samples` uint8 images [N, H, W, C] (identical on every process).
 
   Batches of config.sampling.batch_size are sharded over the mesh; batch i uses the key
@@ -146,6 +158,7 @@ def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=No
     mask: float32 [M', H, W, 1 or C], 1 = known, cycled to N rows: inpainting.
     stop: () -> bool, asked between batches; True raises progress.Interrupted.
     what: the progress line's label.
+    latent: the LatentSpace of a latent diffusion model (default: loaded from config.latent).
     **overrides: sampler options replacing config.sampling's (sampler, num_steps, spacing, eta,
       clip_x0, use_clipped_model_output, guidance_scale, strength, resample).
 
@@ -178,7 +191,10 @@ def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=No
     mask = _cycle(mask, num_samples)
   if conds is None:
     conds = default_conds(config, num_samples, cond=cond, labels=labels)
-  gen = compile_sampler(config, model, schedule, conditioner, mesh, task=task, **opts)
+  if latent is None and config.latent.autoencoder:
+    latent = latent_space.load(config)
+  gen = compile_sampler(config, model, schedule, conditioner, mesh, task=task, latent=latent,
+                        **opts)
   bs = config.sampling.batch_size
   rng = jax.random.PRNGKey(seed)
   tracker = progress.Progress(what, num_samples, stop=stop)
@@ -274,6 +290,7 @@ class GridHook:
     self.every = config.training.sample_every
     self._model = experiment.model(config)
     self._schedule = experiment.schedule(config)
+    self._latent = latent_space.load(config)  # once, not at every grid
 
   def __call__(self, step, ema_params, stop=None):
     config = self.config
@@ -281,7 +298,7 @@ class GridHook:
     cond = dataset_condition(config, n) if config.model.cond_channels > 0 else None
     images = sample_images(config, self._model, self._schedule, ema_params, n,
                            seed=config.sampling.seed, cond=cond, stop=stop,
-                           what=f'sample grid at step {step}')
+                           what=f'sample grid at step {step}', latent=self._latent)
     grid = image_io.make_grid(images)
     name = os.path.join('samples', f'train_step_{step:07d}.png')
     if jax.process_index() == 0:

@@ -27,6 +27,7 @@ import checkpoints
 import config_lib
 import data as data_lib
 import experiment
+import latent_space
 import models
 import progress
 import sharding
@@ -52,11 +53,36 @@ OPTIMIZERS = {
 }
 
 
+# After the warm-up: step count d = num_steps - warmup_steps -> the decay's schedule.
+LR_SCHEDULES = {
+    'constant': lambda lr, d: optax.constant_schedule(lr),
+    'cosine': lambda lr, d: optax.cosine_decay_schedule(lr, max(d, 1), alpha=0.0),
+    'linear': lambda lr, d: optax.linear_schedule(lr, 0.0, max(d, 1)),
+}
+
+
 def learning_rate(config):
-  """The learning-rate schedule: step -> lr (linear warm-up to optim.lr, then constant)."""
+  """The learning-rate schedule: step -> lr. A linear warm-up from 0 to optim.lr over
+  optim.warmup_steps, then optim.lr_schedule (LR_SCHEDULES): constant, or a cosine or linear
+  decay that reaches 0 at training.num_steps (so a resumed run with a longer num_steps
+  follows a stretched schedule from its step on)."""
   o = config.optim
-  return (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
-          else optax.constant_schedule(o.lr))
+  after = LR_SCHEDULES[o.lr_schedule](o.lr, config.training.num_steps - o.warmup_steps)
+  if o.warmup_steps == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), after],
+                              [o.warmup_steps])
+
+
+def ema_decay(config, step):
+  """The EMA decay at `step` (before the update): training.ema_rate, or with
+  training.ema_warmup min(ema_rate, (1 + step) / (10 + step)) (LDM's LitEma), so the average
+  forgets the random init within the first hundreds of steps instead of ~1 / (1 - rate)."""
+  rate = config.training.ema_rate
+  if not config.training.ema_warmup:
+    return rate
+  n = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(rate, (1.0 + n) / (10.0 + n))
 
 
 def make_optimizer(config):
@@ -93,7 +119,6 @@ def create_state(config, model, tx, mesh):
 
 def make_train_step(config, model, schedule, tx, conditioner=None):
   """Returns the pure train_step(state, batch) -> (state, metrics)."""
-  ema_rate = config.training.ema_rate
   prediction = config.diffusion.prediction
   cond_dropout = config.training.cond_dropout
   conditioner = conditioner or experiment.conditioner(config)
@@ -114,7 +139,8 @@ def make_train_step(config, model, schedule, tx, conditioner=None):
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+    rate = ema_decay(config, state.step)
+    ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
     # A non-finite loss or gradient skips the update (params, EMA and Adam moments unchanged).
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -362,12 +388,26 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
     stop.restore()
 
 
+def _latent_encoder(config, mesh):
+  """(images, step) -> latents for latent diffusion (None in pixel space): the frozen
+  autoencoder's encoder, jitted once, its params an argument; the posterior noise of step s is
+  fold_in(latent_space.encoder_key, s), so resumption stays exact."""
+  latent = latent_space.load(config)
+  if latent is None:
+    return None
+  params = jax.device_put(latent.params, sharding.replicated(mesh))
+  key = latent_space.encoder_key(config)
+  encode = jax.jit(latent.encode)
+  return lambda images, step: encode(params, images, jax.random.fold_in(key, step))
+
+
 def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after,
           hooks, pending):
   """The training loop of `train`, from `state` at `step`; returns the last state."""
   tc = config.training
   k = tc.steps_per_dispatch
   step_fn, rows = compile_train_step(config, model, schedule, tx, mesh)
+  to_latent = _latent_encoder(config, mesh)
   lr_at = learning_rate(config)
   writer = MetricWriter(workdir)
   end = tc.num_steps if stop_after is None else min(tc.num_steps, stop_after)
@@ -437,6 +477,8 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
       local = [next(ds) for _ in range(k)]
       local = local[0] if k == 1 else {key: np.stack([b[key] for b in local]) for key in local[0]}
       batch = sharding.from_process_rows(local, rows)
+      if to_latent is not None:
+        batch['image'] = to_latent(batch['image'], step)
       if step == start_step and jax.process_count() > 1:
         # Compile, then wait for every process: the first cross-process collective gives up
         # if the processes reach it far apart (CPU gloo: 30 s), as uneven compile times can.

@@ -31,6 +31,16 @@ def get_config():
   data.num_workers = 0  # grain worker processes (0 = read in the main process)
   data.low_res_size = 0  # >0: also yield 'low_res' images of this size (super-resolution conditioning)
 
+  # ---------------------------------------------------------------- latent diffusion
+  # A frozen autoencoder between pixels and the model (latent_space.py): the model then sees
+  # data.image_size / f latents with the autoencoder's channels (SD's VAE: f = 8, 4 channels).
+  config.latent = latent = ml_collections.ConfigDict()
+  latent.autoencoder = ''  # diffusers AutoencoderKL folder (config.json + safetensors); '' = pixels
+  latent.scale_factor = 0.0  # z_model = (z - shift) * scale; 0 = the folder's scaling_factor
+  latent.shift_factor = config_dict.placeholder(float)  # None = the folder's (SD: 0)
+  latent.sample_posterior = True  # train on posterior samples (LDM) rather than the mean
+  latent.dtype = 'float32'  # the autoencoder's compute dtype ('bfloat16' on accelerators)
+
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
   model.name = 'unet'  # registry name, see models/__init__.py
@@ -64,6 +74,8 @@ def get_config():
   optim.optimizer = 'adam'  # 'adam' | 'adamw'
   optim.lr = 2e-4  # peak learning rate
   optim.warmup_steps = 5000  # linear warm-up from 0 to lr
+  # after the warm-up: 'constant' | 'cosine' | 'linear' (decays to 0 at training.num_steps)
+  optim.lr_schedule = 'constant'
   optim.grad_clip = 1.0  # global grad-norm clip (0 = off)
   optim.b1 = 0.9
   optim.b2 = 0.999
@@ -80,6 +92,7 @@ def get_config():
   training.sample_every = 10_000  # write a sample grid every N steps (0 = never)
   training.num_grid_samples = 64  # images in a training-time grid
   training.ema_rate = 0.9999  # EMA decay of the parameters used for sampling
+  training.ema_warmup = False  # decay min(ema_rate, (1 + step) / (10 + step)) (LDM's LitEma)
   # classifier-free guidance: probability that an example's guided conditions (labels, text) are
   # all replaced by their null value in training (conditioning.py)
   training.cond_dropout = 0.1

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import autoencoder
 from models.layers import timestep_embedding  # noqa: F401  (re-exported)
 from models.unet import UNet
 
@@ -20,7 +21,7 @@ def _build_unet(config) -> nn.Module:
   m = config.model
   return UNet(
       ch=m.ch,
-      out_ch=config.data.num_channels,
+      out_ch=input_shape(config)[-1],
       ch_mult=tuple(m.ch_mult),
       num_res_blocks=m.num_res_blocks,
       attn_resolutions=tuple(m.attn_resolutions),
@@ -57,6 +58,16 @@ def create_model(config) -> nn.Module:
   return _BUILDERS[name](config)
 
 
+def input_shape(config) -> tuple:
+  """(height, width, channels) of what the model denoises: the images, or with
+  config.latent.autoencoder their latents (read from the autoencoder folder's config.json)."""
+  size, channels = config.data.image_size, config.data.num_channels
+  lat = config.get('latent')
+  if lat is not None and lat.autoencoder:
+    return autoencoder.folder_latent_shape(lat.autoencoder, size)
+  return size, size, channels
+
+
 def dummy_inputs(config, batch_size: int = 1) -> Dict[str, jax.Array]:
   """Zero inputs with the shapes a model built from `config` takes (for init / shape tracing).
 
@@ -65,8 +76,8 @@ def dummy_inputs(config, batch_size: int = 1) -> Dict[str, jax.Array]:
     config.model.num_classes > 0, 'cond' float32 [B, s, s, cond_channels] if
     config.model.cond_channels > 0 (s = config.data.low_res_size if > 0, else S).
   """
-  size, channels = config.data.image_size, config.data.num_channels
-  inputs = {'x': jnp.zeros((batch_size, size, size, channels), jnp.float32),
+  size = config.data.image_size
+  inputs = {'x': jnp.zeros((batch_size,) + tuple(input_shape(config)), jnp.float32),
             't': jnp.zeros((batch_size,), jnp.int32)}
   if config.model.num_classes > 0:
     inputs['y'] = jnp.zeros((batch_size,), jnp.int32)

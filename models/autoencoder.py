@@ -640,3 +640,51 @@ def load_diffusers(folder: str, dtype: str = 'float32') -> Tuple[AutoencoderKL, 
   state = safetensors.numpy.load_file(weights_path)
   params = convert_state_dict(state, abstract)
   return module, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+  """The inverse of `to_flax`: kernel (kH, kW, I, O) -> (O, I, kH, kW), (I, O) -> (O, I)."""
+  value = np.asarray(value, np.float32)
+  if leaf == 'kernel' and value.ndim == 4:
+    return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+  if leaf == 'kernel' and value.ndim == 2:
+    return np.ascontiguousarray(value.T)
+  return value
+
+
+def save_diffusers(folder: str, module: AutoencoderKL, params: Any) -> None:
+  """Writes `params` as a diffusers AutoencoderKL folder (config.json +
+  diffusion_pytorch_model.safetensors) that `load_diffusers` and diffusers' from_pretrained
+  read: an autoencoder trained here can serve a latent diffusion run or leave for PyTorch."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  state = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    keys = tuple(p.key for p in path)
+    state[diffusers_name(keys)] = to_torch_layout(leaf, keys[-1])
+  cfg = {'_class_name': 'AutoencoderKL', 'act_fn': 'silu',
+         'down_block_types': ['DownEncoderBlock2D'] * len(module.block_out_channels),
+         'up_block_types': ['UpDecoderBlock2D'] * len(module.block_out_channels)}
+  for field in _DIFFUSERS_FIELDS:
+    value = getattr(module, field)
+    cfg[field] = list(value) if isinstance(value, tuple) else value
+  with open(os.path.join(folder, CONFIG_NAME), 'w') as f:
+    json.dump(cfg, f, indent=2)
+  safetensors.numpy.save_file(state, os.path.join(folder, WEIGHTS_NAME))
+
+
+def folder_latent_shape(folder: str, image_size: int) -> Tuple[int, int, int]:
+  """(h, w, latent_channels) of an image_size x image_size image's latent under the diffusers
+  autoencoder in `folder`, read from its config.json alone (no weights, no jax).
+
+  Raises:
+    FileNotFoundError: no config.json there.
+  """
+  path = os.path.join(folder, CONFIG_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: config.latent.autoencoder must be a diffusers '
+                            f'AutoencoderKL folder ({CONFIG_NAME} + {WEIGHTS_NAME}).')
+  with open(path) as f:
+    cfg = config_from_diffusers(json.load(f))
+  factor = 2 ** (len(cfg.block_out_channels) - 1)
+  return image_size // factor, image_size // factor, int(cfg.latent_channels)

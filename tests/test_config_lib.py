@@ -50,6 +50,7 @@ BAD_LAUNCHES = [
     (['--config.diffusion.schedule=sigmoid'], 'diffusion.schedule'),
     (['--config.diffusion.prediction=score'], 'diffusion.prediction'),
     (['--config.optim.optimizer=sgd'], 'optim.optimizer'),
+    (['--config.optim.lr_schedule=exponential'], 'optim.lr_schedule'),
     (['--config.sampling.num_steps=5000'], 'sampling.num_steps'),  # > num_timesteps
     (['--config.model.num_heads=3'], 'model.num_heads'),  # 3 does not divide 64 channels
     (['--config.model.num_classes=7'], 'model.num_classes'),  # != data.num_classes
@@ -195,6 +196,7 @@ def test_name_lists_are_the_registries():
   from models import unet, winograd  # pylint: disable=g-import-not-at-top
   imported = {'schedule': schedules._BETAS, 'prediction': process.PREDICTIONS,
               'sampler': samplers.SAMPLERS, 'grid': grids.GRIDS, 'optimizer': train_lib.OPTIMIZERS,
+              'lr_schedule': train_lib.LR_SCHEDULES,
               'model': models._BUILDERS, 'dtype': unet._SUPPORTED_DTYPES,
               'conv_algorithm': winograd.CONV_ALGORITHMS, 'crop': preprocess.CROPS}
   assert set(imported) == set(config_lib.REGISTRIES)

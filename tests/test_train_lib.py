@@ -137,3 +137,27 @@ def test_workdir_with_other_config_is_refused(tmp_path):
   # Extending the run is not another run.
   state = train_lib.train(tiny_config(**{'training.num_steps': 4}), str(tmp_path))
   assert int(state.step) == 4
+
+
+@pytest.mark.parametrize('kind', ['constant', 'cosine', 'linear'])
+def test_learning_rate_warms_up_then_follows_its_schedule_to_zero(kind):
+  config = tiny_config()
+  config.optim.lr, config.optim.warmup_steps, config.training.num_steps = 1e-3, 10, 110
+  config.optim.lr_schedule = kind
+  lr = train_lib.learning_rate(config)
+  np.testing.assert_allclose([float(lr(0)), float(lr(5)), float(lr(10))], [0, 5e-4, 1e-3],
+                             rtol=1e-6, atol=1e-12)
+  frac = 0.5  # halfway through the decay: step 60 of 10 + 100
+  want = {'constant': 1e-3, 'cosine': 1e-3 * 0.5 * (1 + np.cos(np.pi * frac)),
+          'linear': 1e-3 * (1 - frac)}[kind]
+  np.testing.assert_allclose(float(lr(60)), want, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(110)), 1e-3 if kind == 'constant' else 0.0, atol=1e-12)
+
+
+def test_ema_warmup_follows_litema_and_caps_at_the_rate():
+  config = tiny_config()
+  config.training.ema_rate = 0.99
+  assert train_lib.ema_decay(config, 0) == 0.99  # off: the rate from the first step
+  config.training.ema_warmup = True
+  got = [float(train_lib.ema_decay(config, n)) for n in (0, 8, 10_000)]
+  np.testing.assert_allclose(got, [0.1, 0.5, 0.99], rtol=1e-6)

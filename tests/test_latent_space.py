@@ -1,0 +1,87 @@
+"""Latent diffusion: a frozen autoencoder folder between the pixels and the diffusion model."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import config_lib
+import experiment
+import latent_space
+import models
+import sample_lib
+import train_lib
+from models import autoencoder
+from tests.tiny import tiny_config
+
+
+def _vae_folder(path, latent_channels=4):
+  """A random 2-level (2x down) autoencoder for 1-channel images, written as diffusers does."""
+  c = autoencoder.tiny_config()
+  c.in_channels = c.out_channels = 1
+  c.latent_channels = latent_channels
+  c.scaling_factor = 0.5
+  module = autoencoder.create_autoencoder(c)
+  params = autoencoder.init_params(module, jax.random.key(0))
+  autoencoder.save_diffusers(str(path), module, params)
+  return module, params
+
+
+def test_save_diffusers_then_load_is_the_identity(tmp_path):
+  module, params = _vae_folder(tmp_path)
+  loaded_module, loaded = autoencoder.load_diffusers(str(tmp_path))
+  assert loaded_module.latent_channels == 4 and loaded_module.scaling_factor == 0.5
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(params))
+
+
+def _latent_config(folder, **kw):
+  return tiny_config(**{'latent.autoencoder': str(folder), 'sampling.clip_x0': False,
+                        'model.attn_resolutions': (), **kw})
+
+
+def test_the_model_denoises_latents_and_sampling_decodes_them(tmp_path):
+  _vae_folder(tmp_path / 'vae')
+  config = _latent_config(tmp_path / 'vae')
+  config_lib.validate(config)
+  assert models.input_shape(config) == (4, 4, 4)  # 8x8 pixels, 2x down, 4 channels
+  latent = latent_space.load(config)
+  assert latent.scale == 0.5
+  images = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+  z = latent.encode(latent.params, images, jax.random.key(1))
+  assert z.shape == (3, 4, 4, 4)
+  # The map is z_model = z * scale: decoding undoes the scale before the decoder.
+  post = latent.module.apply({'params': latent.params}, images, method='encode')
+  np.testing.assert_allclose(
+      np.asarray(latent_space.LatentSpace(latent.module, latent.params, 0.5,
+                                          sample_posterior=False).encode(latent.params, images,
+                                                                         None)),
+      np.asarray(post[0]) * 0.5, rtol=1e-6)
+  direct = latent.module.apply({'params': latent.params}, z / 0.5, method='decode')
+  np.testing.assert_allclose(np.asarray(latent.decode(latent.params, z)), np.asarray(direct),
+                             rtol=1e-6)
+
+  workdir = str(tmp_path / 'run')
+  state = train_lib.train(config, workdir)
+  assert int(state.step) == config.training.num_steps
+  model = experiment.model(config)
+  out = sample_lib.sample_images(config, model, experiment.schedule(config), state.ema_params, 4,
+                                 seed=0)
+  assert out.shape == (4, 8, 8, 1) and out.dtype == np.uint8
+  assert len(np.unique(out)) > 4  # decoded images, not a constant
+
+
+@pytest.mark.parametrize('override,field', [
+    ({'latent.autoencoder': '/no/such/vae'}, 'latent.autoencoder'),
+    ({'sampling.clip_x0': True}, 'sampling.clip_x0'),
+    ({'sampling.init_image': 'x.png'}, 'sampling.init_image'),
+    ({'data.image_size': 6}, 'data.image_size'),  # 2x down: the latent side 3 has no 2 levels
+])
+def test_latent_configs_that_cannot_work_fail_naming_the_field(tmp_path, override, field):
+  _vae_folder(tmp_path / 'vae')
+  config = _latent_config(tmp_path / 'vae')
+  for k, v in override.items():
+    config_lib.set_field(config, k, v)
+  with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')):
+    config_lib.validate(config)
+  assert os.path.isdir(tmp_path / 'vae')
