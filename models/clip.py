@@ -221,9 +221,9 @@ def _layer_entries(t: str, f: Tuple[str, ...], n: int) -> List[hf_port.Entry]:
   return out
 
 
-def text_entries(c: TextConfig) -> List[hf_port.Entry]:
-  """Entries of the text tower, torch prefix 'text_model.', Flax ('text_model',)."""
-  t, f = 'text_model.', ('text_model',)
+def text_entries(c: TextConfig, t: str = 'text_model.') -> List[hf_port.Entry]:
+  """Entries of the text tower, torch key prefix `t`, Flax ('text_model',)."""
+  f = ('text_model',)
   return (hf_port.embedding(t + 'embeddings.token_embedding', f + ('token_embedding',)) +
           hf_port.embedding(t + 'embeddings.position_embedding', f + ('position_embedding',)) +
           _layer_entries(t, f, c.num_hidden_layers) +
@@ -277,18 +277,14 @@ def read_config(folder: str) -> Dict[str, Any]:
                    '"clip_text_model"')
 
 
-def load_text_state(folder: str) -> Dict[str, np.ndarray]:
-  """The folder's weights with text-tower keys under 'text_model.'.
+def text_prefix(state: Dict[str, np.ndarray]) -> str:
+  """'text_model.' if the text tower's keys carry it, else ''.
 
-  transformers 5 saves a CLIPTextModel without that prefix; CLIPModel,
+  transformers 5 saves a CLIPTextModel without the prefix; CLIPModel,
   CLIPTextModelWithProjection and earlier CLIPTextModel checkpoints (Stable Diffusion's
-  text_encoder/) have it.
+  text_encoder/) have it. Errors then name keys as the file spells them.
   """
-  state = hf_port.load_state(folder)
-  if not any(k.startswith('text_model.') for k in state):
-    state = {('text_model.' + k if k.split('.')[0] in ('embeddings', 'encoder', 'final_layer_norm')
-              else k): v for k, v in state.items()}
-  return state
+  return 'text_model.' if any(k.startswith('text_model.') for k in state) else ''
 
 
 def load_text(folder: str) -> Tuple[CLIPText, Any]:
@@ -298,9 +294,9 @@ def load_text(folder: str) -> Tuple[CLIPText, Any]:
   CLIPTextModelWithProjection); a plain CLIPTextModel has none.
   """
   config = read_config(folder)
-  state = load_text_state(folder)
+  state = hf_port.load_state(folder)
   projection = config['projection_dim'] if 'text_projection.weight' in state else 0
-  entries = text_entries(config['text'])
+  entries = text_entries(config['text'], text_prefix(state))
   if projection:
     entries += hf_port.linear('text_projection', ('text_projection',), bias=False)
   params = hf_port.convert(state, entries, text_shapes(config['text'], projection), folder,
