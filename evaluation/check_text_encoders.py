@@ -145,8 +145,11 @@ def torch_minilm(arrays):
 
 def torch_clip(arrays, work, seed):
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel,  # pylint: disable=g-import-not-at-top,g-multiple-import
-                            CLIPTextConfig, CLIPTextModel, CLIPTokenizer)
+  import transformers  # pylint: disable=g-import-not-at-top
+  CLIPConfig, CLIPModel = transformers.CLIPConfig, transformers.CLIPModel
+  CLIPTextConfig, CLIPTextModel = transformers.CLIPTextConfig, transformers.CLIPTextModel
+  CLIPTokenizer = transformers.CLIPTokenizer
+  CLIPImageProcessorPil = transformers.CLIPImageProcessorPil
   model_dir, text_dir = os.path.join(work, 'clip_model'), os.path.join(work, 'clip_text')
   vocab_size = write_clip_vocab(model_dir)
   tok = CLIPTokenizer.from_pretrained(model_dir)

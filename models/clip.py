@@ -352,7 +352,8 @@ def load_tokenizer(folder: str, max_length: int = 77):
     FileNotFoundError: no tokenizer files (see `find_tokenizer_folder`).
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from tokenizers import Regex, decoders, normalizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
   d = find_tokenizer_folder(folder)
   if d is None:
     raise FileNotFoundError(f'{folder}: no CLIP tokenizer (tokenizer.json or vocab.json + '

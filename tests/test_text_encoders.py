@@ -178,7 +178,12 @@ def test_clip_pooling_position():
   np.testing.assert_array_equal(clip.eos_positions(jnp.array([[1, 8, 3, 2]]), 2), [1])
 
 
-def test_jit_compiles_per_bucket_not_per_length():
-  # A handful of padded lengths: prompts of 3..15 tokens share the 16-token program.
-  lengths = {text_encoders._bucket(n, 512) for n in range(3, 300)}  # pylint: disable=protected-access
-  assert lengths == {16, 32, 64, 128, 256, 512}
+def test_prompt_lengths_share_compiled_programs(minilm):
+  # Runs at a bucketed length (16, 32, ... 256), sliced back: no compile per prompt length.
+  forward = minilm._forward  # pylint: disable=protected-access
+  minilm.encode(['a cat'])
+  before = forward._cache_size()  # pylint: disable=protected-access
+  for prompt in ('two', 'a dog on a mat', 'a photo of a red cat on a green sofa'):
+    states, mask = minilm.encode([prompt])
+    assert states.shape[1] == int(mask.sum()) and bool(mask.all())
+  assert forward._cache_size() == before  # pylint: disable=protected-access
