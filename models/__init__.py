@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.dit import build as _build_dit
 from models.layers import timestep_embedding  # noqa: F401  (re-exported)
 from models.unet import UNet
 
@@ -37,6 +38,7 @@ def _build_unet(config) -> nn.Module:
 
 
 _BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {'unet': _build_unet}
+_BUILDERS['dit'] = _build_dit
 
 
 def create_model(config) -> nn.Module:
