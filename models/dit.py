@@ -44,9 +44,9 @@ Mixed precision: `dtype` is the compute dtype of every dense layer and of the re
 params are float32; LayerNorm statistics and the attention softmax are float32; output float32.
 """
 
-import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
