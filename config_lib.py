@@ -242,6 +242,11 @@ def _check_latent(config):
   with open(os.path.join(folder, 'config.json')) as f:
     cfg = json.load(f)
   factor = 2 ** (len(cfg.get('block_out_channels', (0,))) - 1)
+  _check(factor == lat.factor, 'latent.factor', f"{lat.factor} differs from the autoencoder's "
+         f'downsampling factor {factor} (2**(len(block_out_channels) - 1) in {folder})')
+  _check(cfg.get('latent_channels', 4) == lat.channels, 'latent.channels',
+         f"{lat.channels} differs from the autoencoder's latent_channels = "
+         f"{cfg.get('latent_channels', 4)}")
   _check(d.image_size % factor == 0, 'data.image_size',
          f'{d.image_size} is not divisible by the autoencoder\'s downsampling factor {factor}')
   _check(cfg.get('in_channels', 3) == d.num_channels, 'data.num_channels',
@@ -299,22 +304,33 @@ def validate(config, *, num_devices=1, process_count=1):
   _one_of(config, 'data.crop', 'crop')
   _one_of(config, 'model.name', 'model')
   size = _check_latent(config)  # the side of what the model denoises
-  _check(len(m.ch_mult) > 0 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),
-         'model.ch_mult', f'must be a non-empty tuple of positive ints, got {m.ch_mult!r}')
-  levels = len(m.ch_mult)
-  factor = 2 ** (levels - 1)
-  what = 'data.image_size' if size == d.image_size else f'the latent size {size} of data.image_size'
-  _check(size % factor == 0, 'data.image_size',
-         f'{what} is not divisible by 2**(len(model.ch_mult)-1) = {factor}; '
-         f'use a multiple of {factor} or fewer levels in model.ch_mult')
-  reached = [size // 2 ** i for i in range(levels)]
-  for r in m.attn_resolutions:
-    _check(r in reached, 'model.attn_resolutions',
-           f'resolution {r} is never reached by the model (feature-map sizes: {reached})')
-  for level, r in enumerate(reached):
-    c = m.ch * m.ch_mult[level]
-    _check(r not in m.attn_resolutions or c % m.num_heads == 0, 'model.num_heads',
-           f'{m.num_heads} heads do not divide the {c} channels at attention resolution {r}')
+  if m.name == 'unet':
+    _check(len(m.ch_mult) > 0 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),
+           'model.ch_mult', f'must be a non-empty tuple of positive ints, got {m.ch_mult!r}')
+    levels = len(m.ch_mult)
+    factor = 2 ** (levels - 1)
+    what = ('data.image_size' if size == d.image_size else
+            f'the latent size {size} of data.image_size')
+    _check(size % factor == 0, 'data.image_size',
+           f'{what} is not divisible by 2**(len(model.ch_mult)-1) = {factor}; '
+           f'use a multiple of {factor} or fewer levels in model.ch_mult')
+    reached = [size // 2 ** i for i in range(levels)]
+    for r in m.attn_resolutions:
+      _check(r in reached, 'model.attn_resolutions',
+             f'resolution {r} is never reached by the model (feature-map sizes: {reached})')
+    for level, r in enumerate(reached):
+      c = m.ch * m.ch_mult[level]
+      _check(r not in m.attn_resolutions or c % m.num_heads == 0, 'model.num_heads',
+             f'{m.num_heads} heads do not divide the {c} channels at attention resolution {r}')
+  if m.name == 'dit':
+    g = config.dit
+    for f in ('dit.patch_size', 'dit.hidden_size', 'dit.depth', 'dit.num_heads'):
+      _positive_int(config, f)
+    _check(size % g.patch_size == 0, 'dit.patch_size',
+           f'{g.patch_size} does not divide the model input side {size}')
+    _check(g.hidden_size % g.num_heads == 0 and g.hidden_size % 4 == 0, 'dit.num_heads',
+           f'{g.num_heads} heads must divide dit.hidden_size = {g.hidden_size} (a multiple of 4)')
+    _check(m.cond_channels == 0, 'model.cond_channels', 'DiT takes no image condition; set 0')
   _check(d.low_res_size < d.image_size, 'data.low_res_size',
          f'{d.low_res_size} must be smaller than data.image_size = {d.image_size} (0 = off)')
   _check(m.cond_channels == 0 or d.low_res_size > 0, 'model.cond_channels',

@@ -23,6 +23,7 @@ import conditioning
 import data as data_lib
 import experiment
 import latent_space
+import models
 import progress
 import sample_lib
 from diffusion import losses
@@ -97,7 +98,8 @@ def bits_per_dim(config, model, schedule, params, num_examples, seed=0, stop=Non
   def bpd(batch, rng):
     # The true label and the low-res image condition the bound (no dropout).
     conds = conditioner.from_batch(batch)
-    model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, train=False, **conds)
+    model_fn = lambda x_t, t: models.prediction(
+        config, model.apply({'params': params}, x_t, t, train=False, **conds))
     return losses.bits_per_dim(schedule, model_fn, batch['image'], rng,
                                prediction=config.diffusion.prediction)
 

@@ -74,7 +74,8 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
 
   def generate_batch(params, ae_params, rng, conds, batch_size, images=None, mask=None):
     init_rng, loop_rng = jax.random.split(rng)
-    apply = lambda x, t, **c: model.apply({'params': params}, x, t, train=False, **c)
+    apply = lambda x, t, **c: models.prediction(
+        config, model.apply({'params': params}, x, t, train=False, **c))
     model_fn = conditioning.guided_model_fn(apply, conditioner, conds, guidance_scale)
     extra = {}
     if task == 'img2img':

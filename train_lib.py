@@ -130,8 +130,8 @@ def make_train_step(config, model, schedule, tx, conditioner=None):
 
     def loss_fn(params):
       def model_fn(x_t, t):
-        return model.apply({'params': params}, x_t, t, train=True, rngs={'dropout': drop_rng},
-                           **conds)
+        return models.prediction(config, model.apply(
+            {'params': params}, x_t, t, train=True, rngs={'dropout': drop_rng}, **conds))
       return losses.diffusion_loss(schedule, model_fn, batch['image'], loss_rng,
                                    prediction=prediction).mean()
 

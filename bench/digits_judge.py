@@ -11,15 +11,14 @@ For each (sampler, steps) of --grid, --num_samples images from one checkpoint (s
 """
 
 import json
-import os
 import time
 
 from absl import app
 from absl import flags
 
-from bench.guidance_accuracy import fit_classifier
-from bench.guidance_accuracy import real_digits
-from bench.sampler_quality import parse_grid
+from bench.common import fit_classifier
+from bench.common import parse_grid
+from bench.common import real_digits
 
 flags.DEFINE_string('workdir', None, 'training workdir (checkpoints/ and config.json)')
 flags.DEFINE_string('grid', 'ddpm:1000;ddim:50;dpm_solver_pp_2m:20', 'sampler:steps rows')
@@ -34,7 +33,7 @@ def pixel_fd(a, b):
   """Frechet distance of Gaussians fitted to the rows of a [N, D] and b [M, D] (float64)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from evaluation import metrics  # pylint: disable=g-import-not-at-top
-  return float(metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False),
+  return float(metrics.fid(a.mean(0), np.cov(a, rowvar=False),
                                         b.mean(0), np.cov(b, rowvar=False)))
 
 

@@ -23,6 +23,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from bench.common import fit_classifier
+from bench.common import real_digits
+
 
 flags.DEFINE_string('config', 'configs/digits_cond.py', 'a class-conditional digits config file')
 flags.DEFINE_string('workdir', None, 'run directory (trained here unless finished already)')
@@ -35,31 +38,6 @@ flags.DEFINE_bool('use_clipped_model_output', False, 'ddim: recompute eps from t
 flags.DEFINE_integer('seed', 0, 'sampling seed (the same noise at every scale)')
 flags.DEFINE_float('test_fraction', 0.25, 'share of the real digits held out from the classifier')
 FLAGS = flags.FLAGS
-
-
-def real_digits(config):
-  """Every real digit at the config's resolution: uint8 [N, H, W, C] and int labels [N]."""
-  import data as data_lib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  ds = data_lib.get_dataset(config, batch_size=256, process_index=0, process_count=1,
-                            shuffle=False, repeat=False, drop_remainder=False, uint8=True)
-  images, labels = [], []
-  for batch in ds:
-    images.append(batch['image'])
-    labels.append(batch['label'])
-  return np.concatenate(images), np.concatenate(labels)
-
-
-def fit_classifier(images, labels, test_fraction, seed=0):
-  """Logistic regression on pixels / 255; returns (classifier, held-out accuracy)."""
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
-  x = images.reshape(len(images), -1) / 255.0
-  x_tr, x_te, y_tr, y_te = train_test_split(x, labels, test_size=test_fraction,
-                                            random_state=seed, stratify=labels)
-  clf = LogisticRegression(max_iter=5000, C=1.0)
-  clf.fit(x_tr, y_tr)
-  return clf, float(clf.score(x_te, y_te))
 
 
 def main(argv):

@@ -22,6 +22,8 @@ import time
 from absl import app
 from absl import flags
 
+from bench.common import parse_grid
+
 
 flags.DEFINE_string('workdir', None, 'training workdir (checkpoints/ and config.json)')
 flags.DEFINE_string('config', '', 'config file (default: the workdir\'s config.json)')
@@ -41,17 +43,6 @@ flags.DEFINE_enum('clip_x0', '', ['', 'true', 'false'], "clip predicted x0 to [-
 flags.DEFINE_bool('real_row', True, 'add a row scoring --num_samples real images drawn from the '
                   'dataset (shuffled): the FID a perfect sampler would get at this N')
 FLAGS = flags.FLAGS
-
-
-def parse_grid(text):
-  """'ddpm:1000,100;ddim:50' -> [('ddpm', 1000), ('ddpm', 100), ('ddim', 50)]."""
-  rows = []
-  for part in filter(None, (p.strip() for p in text.split(';'))):
-    name, _, steps = part.partition(':')
-    if not steps:
-      raise app.UsageError(f'--grid entry {part!r} needs steps: sampler:n1,n2')
-    rows += [(name.strip(), int(n)) for n in steps.split(',') if n.strip()]
-  return rows
 
 
 def main(argv):

@@ -38,6 +38,8 @@ def get_config():
   latent.autoencoder = ''  # diffusers AutoencoderKL folder (config.json + safetensors); '' = pixels
   latent.scale_factor = 0.0  # z_model = (z - shift) * scale; 0 = the folder's scaling_factor
   latent.shift_factor = config_dict.placeholder(float)  # None = the folder's (SD: 0)
+  latent.factor = 8  # the autoencoder's downsampling (2**(levels - 1)); SD's VAE: 8
+  latent.channels = 4  # its latent channels; SD's VAE: 4
   latent.sample_posterior = True  # train on posterior samples (LDM) rather than the mean
   latent.dtype = 'float32'  # the autoencoder's compute dtype ('bfloat16' on accelerators)
 
@@ -59,6 +61,19 @@ def get_config():
   # 3x3 convs of the U-Net's residual blocks and upsampling: 'auto' (Winograd where it measured
   # faster on the CPU, see models/winograd.py) | 'direct' | 'winograd' (F(2x2)) | 'winograd4'
   model.conv_algorithm = 'auto'
+
+  # ---------------------------------------------------------------- DiT (model.name = 'dit')
+  # Peebles & Xie 2023; only read when model.name = 'dit' (the U-Net fields above do not apply).
+  # The paper's sizes: configs/dit_{s2,b2,l2,xl2}.py; models/dit.py's SIZES.
+  config.dit = dit = ml_collections.ConfigDict()
+  dit.patch_size = 2  # input pixels (or latent cells) per token side
+  dit.hidden_size = 384  # token width (DiT-S)
+  dit.depth = 12  # DiT blocks
+  dit.num_heads = 6  # attention heads (must divide hidden_size)
+  dit.mlp_ratio = 4.0  # MLP width / hidden_size
+  # 2C outputs, the second half IDDPM's variance interpolation, as the released checkpoints have;
+  # that half is not trained here (no VLB term) and sampling uses the fixed variance.
+  dit.learn_sigma = False
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -13,7 +13,7 @@ Command (2 CPU cores, no GPU, no download):
   python main.py --config configs/digits_cond.py --workdir runs/digits_cond --mode sample \
       --config.sampling.class_label=3 --config.sampling.guidance_scale=2
 Guidance accuracy (a classifier trained on the real digits judges the samples):
-  python bench/guidance_accuracy.py --workdir runs/digits_cond
+  python -m bench.guidance_accuracy --workdir runs/digits_cond
 
 Expected: about as long as configs/digits.py (a few minutes to tens of minutes on 2 shared CPU
 cores); samples/ holds a grid whose columns cycle through the digits 0..9. The accuracy of the

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import autoencoder
+from models import dit
 from models.layers import timestep_embedding  # noqa: F401  (re-exported)
 from models.unet import UNet
 
@@ -37,7 +37,11 @@ def _build_unet(config) -> nn.Module:
   )
 
 
-_BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {'unet': _build_unet}
+def _build_dit(config) -> nn.Module:
+  return dit.build(config, in_channels=input_shape(config)[-1])
+
+
+_BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {'unet': _build_unet, 'dit': _build_dit}
 
 
 def create_model(config) -> nn.Module:
@@ -60,12 +64,20 @@ def create_model(config) -> nn.Module:
 
 def input_shape(config) -> tuple:
   """(height, width, channels) of what the model denoises: the images, or with
-  config.latent.autoencoder their latents (read from the autoencoder folder's config.json)."""
+  config.latent.autoencoder their latents, whose geometry the config declares (latent.factor,
+  latent.channels; config_lib checks them against the folder), so that a model's shapes and
+  parameter count follow from the config alone."""
   size, channels = config.data.image_size, config.data.num_channels
   lat = config.get('latent')
   if lat is not None and lat.autoencoder:
-    return autoencoder.folder_latent_shape(lat.autoencoder, size)
+    return size // lat.factor, size // lat.factor, lat.channels
   return size, size, channels
+
+
+def prediction(config, out):
+  """The diffusion target from a model output: a DiT with learned sigma returns 2C channels, the
+  target first and IDDPM's variance interpolation after (not trained here: see models/dit.py)."""
+  return out[..., :input_shape(config)[-1]]
 
 
 def dummy_inputs(config, batch_size: int = 1) -> Dict[str, jax.Array]:

@@ -672,19 +672,3 @@ def save_diffusers(folder: str, module: AutoencoderKL, params: Any) -> None:
     json.dump(cfg, f, indent=2)
   safetensors.numpy.save_file(state, os.path.join(folder, WEIGHTS_NAME))
 
-
-def folder_latent_shape(folder: str, image_size: int) -> Tuple[int, int, int]:
-  """(h, w, latent_channels) of an image_size x image_size image's latent under the diffusers
-  autoencoder in `folder`, read from its config.json alone (no weights, no jax).
-
-  Raises:
-    FileNotFoundError: no config.json there.
-  """
-  path = os.path.join(folder, CONFIG_NAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: config.latent.autoencoder must be a diffusers '
-                            f'AutoencoderKL folder ({CONFIG_NAME} + {WEIGHTS_NAME}).')
-  with open(path) as f:
-    cfg = config_from_diffusers(json.load(f))
-  factor = 2 ** (len(cfg.block_out_channels) - 1)
-  return image_size // factor, image_size // factor, int(cfg.latent_channels)

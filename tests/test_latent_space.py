@@ -36,8 +36,8 @@ def test_save_diffusers_then_load_is_the_identity(tmp_path):
 
 
 def _latent_config(folder, **kw):
-  return tiny_config(**{'latent.autoencoder': str(folder), 'sampling.clip_x0': False,
-                        'model.attn_resolutions': (), **kw})
+  return tiny_config(**{'latent.autoencoder': str(folder), 'latent.factor': 2,
+                        'sampling.clip_x0': False, 'model.attn_resolutions': (), **kw})
 
 
 def test_the_model_denoises_latents_and_sampling_decodes_them(tmp_path):
@@ -76,6 +76,8 @@ def test_the_model_denoises_latents_and_sampling_decodes_them(tmp_path):
     ({'sampling.clip_x0': True}, 'sampling.clip_x0'),
     ({'sampling.init_image': 'x.png'}, 'sampling.init_image'),
     ({'data.image_size': 6}, 'data.image_size'),  # 2x down: the latent side 3 has no 2 levels
+    ({'latent.factor': 8}, 'latent.factor'),  # the folder's VAE downsamples 2x
+    ({'latent.channels': 3}, 'latent.channels'),
 ])
 def test_latent_configs_that_cannot_work_fail_naming_the_field(tmp_path, override, field):
   _vae_folder(tmp_path / 'vae')
