@@ -99,6 +99,8 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
 
   def generate(params, rng, conds, batch_size, images=None, mask=None):
     return gen(params, ae_params, rng, conds, batch_size, images, mask)
+  # For ahead-of-time lowering (bench/sampling.py): the jitted function and its ae_params.
+  generate.jitted, generate.ae_params = gen, ae_params
   return generate
 
 

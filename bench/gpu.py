@@ -17,6 +17,8 @@ the device's time limit still leaves what it finished:
   5. memory: XLA's memory analysis of the train step at two batches, with and without remat,
      extrapolated linearly to the device's memory: the largest batch that fits, then checked by
      running one step at that batch.
+Backbones: --config configs/dit_b2.py (or dit_xl2.py) measures DiT's train step on its 32x32x4
+latents (the VAE encoder is not timed; no VAE folder is needed for sections 2-5).
 The peer (diffusers in bf16 with autocast, channels_last and torch.compile) needs torch with CUDA
 on the device: bench/peer_compare.py runs it where it is installed (--peer-python).
 """
@@ -84,8 +86,7 @@ def train_memory_bytes(config, batch):
   state = jax.eval_shape(lambda: train_lib.create_state(config, model, tx, mesh))
   step_fn, _ = train_lib.compile_train_step(config, model, experiment.schedule(config), tx,
                                             mesh)
-  s, c = config.data.image_size, config.data.num_channels
-  b = {'image': jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32),
+  b = {'image': jax.ShapeDtypeStruct((batch,) + tuple(models.input_shape(config)), jnp.float32),
        'label': jax.ShapeDtypeStruct((batch,), jnp.int32)}
   mem = step_fn.lower(state, b).compile().memory_analysis()
   return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -

@@ -39,12 +39,13 @@ def bench_sampling(config, batch, steps, sampler='ddim', repeats=2):
     raise ValueError('image-conditional configs need a condition image; not benchmarked here')
   rng = jax.random.PRNGKey(1)
   t0 = time.perf_counter()
-  compiled = generate.lower(params, rng, kwargs, batch).compile()
+  ae = generate.ae_params
+  compiled = generate.jitted.lower(params, ae, rng, kwargs, batch).compile()
   compile_s = time.perf_counter() - t0
   times = []
   for i in range(repeats + 1):  # the first call also pays one-time allocation; not counted
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params, jax.random.fold_in(rng, i), kwargs))
+    out = jax.block_until_ready(compiled(params, ae, jax.random.fold_in(rng, i), kwargs))
     if i:
       times.append(time.perf_counter() - t0)
   assert out.shape[0] == batch and bool(np.isfinite(np.asarray(out)).all())

@@ -34,9 +34,11 @@ def bench_train_step(config, batch, repeats, warmup=2, steps_per_call=1):
   state = train_lib.create_state(config, model, tx, mesh)
   step_fn, rows = train_lib.compile_train_step(config, model, schedule, tx, mesh)
   rng = np.random.default_rng(0)
-  s, c = config.data.image_size, config.data.num_channels
+  # What the model denoises: pixels, or a latent config's latents (the encoder is not timed).
+  shape = tuple(models.input_shape(config))
+  c = config.data.num_channels
   lead = (batch,) if steps_per_call == 1 else (steps_per_call, batch)
-  local = {'image': rng.uniform(-1, 1, lead + (s, s, c)).astype(np.float32),
+  local = {'image': rng.uniform(-1, 1, lead + shape).astype(np.float32),
            'label': rng.integers(0, max(config.data.num_classes, 1), lead).astype(np.int32)}
   if config.model.cond_channels:
     r = config.data.low_res_size
