@@ -69,7 +69,7 @@ REGISTRIES = {
     'optimizer': ('train_lib.py', 'OPTIMIZERS'),
     'lr_schedule': ('train_lib.py', 'LR_SCHEDULES'),
     'model': ('models/__init__.py', '_BUILDERS'),
-    'dtype': ('models/unet.py', '_SUPPORTED_DTYPES'),
+    'dtype': ('models/layers.py', 'SUPPORTED_DTYPES'),
     'conv_algorithm': ('models/winograd.py', 'CONV_ALGORITHMS'),
     'crop': ('data/preprocess.py', 'CROPS'),
 }

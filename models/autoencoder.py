@@ -40,13 +40,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from models import layers
 from models.layers import default_init
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # diffusers' / LDM's clamp of the posterior log-variance
 NORM_EPS = 1e-6
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 CONFIG_NAME = 'config.json'
-_SUPPORTED_DTYPES = ('float32', 'bfloat16')
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -365,11 +365,7 @@ class AutoencoderKL(nn.Module):
     return 2 ** (len(self.block_out_channels) - 1)
 
   def _compute_dtype(self):
-    name = jnp.dtype(self.dtype).name
-    if name not in _SUPPORTED_DTYPES:
-      raise ValueError(f'autoencoder.dtype={self.dtype!r} is not supported; use one of '
-                       f'{_SUPPORTED_DTYPES}.')
-    return jnp.dtype(name)
+    return layers.compute_dtype(self.dtype, 'autoencoder.dtype')
 
   def setup(self):
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]

@@ -53,9 +53,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from models import layers
 from models.layers import null_label, timestep_embedding
 
-_SUPPORTED_DTYPES = ('float32', 'bfloat16')
 
 # Model sizes of the paper (Table 1): name -> (hidden_size, depth, num_heads).
 SIZES = {
@@ -270,11 +270,7 @@ class DiT(nn.Module):
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
   def _compute_dtype(self):
-    name = jnp.dtype(self.dtype).name
-    if name not in _SUPPORTED_DTYPES:
-      raise ValueError(f'model.dtype={self.dtype!r} is not supported; use one of '
-                       f'{_SUPPORTED_DTYPES}.')
-    return jnp.dtype(name)
+    return layers.compute_dtype(self.dtype, 'model.dtype')
 
   def _validate(self, x, t, y, cond):
     """Raises ValueError, naming the config field to change, for inputs this model cannot take."""

@@ -91,3 +91,15 @@ def label_embedding(num_classes: int, features: int, dtype: Any, name: str) -> n
   """The class-label table of a class-conditional model: num_classes + 1 rows (the last is
   `null_label`), `features` wide. Create it inside a compact module."""
   return nn.Embed(num_classes + 1, features, dtype=dtype, name=name)
+
+
+# Compute dtypes every backbone takes (params stay float32); config_lib reads this registry.
+SUPPORTED_DTYPES = ('float32', 'bfloat16')
+
+
+def compute_dtype(dtype: Any, field: str = 'model.dtype') -> jnp.dtype:
+  """The jnp dtype of a config's dtype name, or ValueError naming `field` and the choices."""
+  name = jnp.dtype(dtype).name
+  if name not in SUPPORTED_DTYPES:
+    raise ValueError(f'{field}={dtype!r} is not supported; use one of {SUPPORTED_DTYPES}.')
+  return jnp.dtype(name)

@@ -30,11 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import layers
 from models.layers import default_init, group_norm, label_embedding
 from models.layers import timestep_embedding
 from models.winograd import conv3x3
 
-_SUPPORTED_DTYPES = ('float32', 'bfloat16')
 
 
 def _qkv_init(key, shape, dtype=jnp.float32):
@@ -199,11 +199,7 @@ class UNet(nn.Module):
   conv_algorithm: str = 'auto'
 
   def _compute_dtype(self):
-    name = jnp.dtype(self.dtype).name
-    if name not in _SUPPORTED_DTYPES:
-      raise ValueError(f"model.dtype={self.dtype!r} is not supported; use one of "
-                       f"{_SUPPORTED_DTYPES}.")
-    return jnp.dtype(name)
+    return layers.compute_dtype(self.dtype, 'model.dtype')
 
   def _validate(self, x, t, y, cond):
     """Raises ValueError, naming the config field to change, for inputs this model cannot take."""

@@ -214,11 +214,11 @@ def test_name_lists_are_the_registries():
   import models  # pylint: disable=g-import-not-at-top
   from data import preprocess  # pylint: disable=g-import-not-at-top
   from diffusion import grids, process, samplers, schedules  # pylint: disable=g-import-not-at-top
-  from models import unet, winograd  # pylint: disable=g-import-not-at-top
+  from models import layers, winograd  # pylint: disable=g-import-not-at-top
   imported = {'schedule': schedules._BETAS, 'prediction': process.PREDICTIONS,
               'sampler': samplers.SAMPLERS, 'grid': grids.GRIDS, 'optimizer': train_lib.OPTIMIZERS,
               'lr_schedule': train_lib.LR_SCHEDULES,
-              'model': models._BUILDERS, 'dtype': unet._SUPPORTED_DTYPES,
+              'model': models._BUILDERS, 'dtype': layers.SUPPORTED_DTYPES,
               'conv_algorithm': winograd.CONV_ALGORITHMS, 'crop': preprocess.CROPS}
   assert set(imported) == set(config_lib.REGISTRIES)
   for kind, registry in imported.items():
