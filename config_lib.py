@@ -285,9 +285,9 @@ def validate(config, *, num_devices=1, process_count=1):
             'training.batch_size', 'training.num_steps', 'training.log_every',
             'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_dispatch',
             'training.max_nonfinite_steps', 'sampling.num_steps', 'sampling.num_samples',
-            'sampling.batch_size', 'model.num_heads', 'model.num_groups'):
+            'sampling.batch_size', 'model.num_heads', 'model.num_groups', 'model.context_len'):
     _positive_int(config, f)
-  for f in ('data.num_workers', 'data.low_res_size', 'model.cond_channels',
+  for f in ('data.num_workers', 'data.low_res_size', 'model.cond_channels', 'model.context_dim',
             'optim.warmup_steps', 'training.sample_every', 'training.eval_every',
             'eval.bpd_num_examples'):
     _int_at_least(config, f, 0)
@@ -331,6 +331,7 @@ def validate(config, *, num_devices=1, process_count=1):
     _check(g.hidden_size % g.num_heads == 0 and g.hidden_size % 4 == 0, 'dit.num_heads',
            f'{g.num_heads} heads must divide dit.hidden_size = {g.hidden_size} (a multiple of 4)')
     _check(m.cond_channels == 0, 'model.cond_channels', 'DiT takes no image condition; set 0')
+    _check(m.context_dim == 0, 'model.context_dim', 'DiT takes no text condition; set 0')
   _check(d.low_res_size < d.image_size, 'data.low_res_size',
          f'{d.low_res_size} must be smaller than data.image_size = {d.image_size} (0 = off)')
   _check(m.cond_channels == 0 or d.low_res_size > 0, 'model.cond_channels',

@@ -61,6 +61,11 @@ def get_config():
   # 3x3 convs of the U-Net's residual blocks and upsampling: 'auto' (Winograd where it measured
   # faster on the CPU, see models/winograd.py) | 'direct' | 'winograd' (F(2x2)) | 'winograd4'
   model.conv_algorithm = 'auto'
+  # text conditioning (conditioning.Text): 0 = no text; else the text encoder's width D, and the
+  # U-Net adds cross-attention on the [B, L, D] token states after every self-attention block
+  # (e.g. 384 for MiniLM, 768 for CLIP ViT-L/14)
+  model.context_dim = 0
+  model.context_len = 77  # L: the token length of the cached text states (CLIP's 77)
 
   # ---------------------------------------------------------------- DiT (model.name = 'dit')
   # Peebles & Xie 2023; only read when model.name = 'dit' (the U-Net fields above do not apply).

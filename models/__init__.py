@@ -1,8 +1,8 @@
 """Denoising networks; `create_model(config)` builds the one `config.model.name` names.
 
 Adding an architecture: write a builder `(config) -> nn.Module` and name it in `_BUILDERS`.
-Every model is called as `model.apply(variables, x, t, train=False, y=None, cond=None)` and returns
-a float32 prediction with x's shape.
+Every model is called as `model.apply(variables, x, t, train=False, y=None, cond=None)` (a text
+U-Net also takes context=, context_mask=) and returns a float32 prediction with x's shape.
 """
 
 from typing import Any, Callable, Dict
@@ -34,6 +34,7 @@ def _build_unet(config) -> nn.Module:
       remat=m.remat,
       num_groups=m.num_groups,
       conv_algorithm=m.conv_algorithm,
+      context_dim=m.context_dim,
   )
 
 
@@ -86,7 +87,9 @@ def dummy_inputs(config, batch_size: int = 1) -> Dict[str, jax.Array]:
   Returns:
     dict with 'x' float32 [B, S, S, C], 't' int32 [B], and 'y' int32 [B] if
     config.model.num_classes > 0, 'cond' float32 [B, s, s, cond_channels] if
-    config.model.cond_channels > 0 (s = config.data.low_res_size if > 0, else S).
+    config.model.cond_channels > 0 (s = config.data.low_res_size if > 0, else S), and
+    'context' float32 [B, L, D] with 'context_mask' bool [B, L] (all real) if
+    config.model.context_dim = D > 0 (L = config.model.context_len).
   """
   size = config.data.image_size
   inputs = {'x': jnp.zeros((batch_size,) + tuple(input_shape(config)), jnp.float32),
@@ -96,6 +99,10 @@ def dummy_inputs(config, batch_size: int = 1) -> Dict[str, jax.Array]:
   if config.model.cond_channels > 0:
     low = config.data.get('low_res_size', 0) or size
     inputs['cond'] = jnp.zeros((batch_size, low, low, config.model.cond_channels), jnp.float32)
+  if config.model.get('context_dim', 0) > 0:
+    shape = (batch_size, config.model.context_len)
+    inputs['context'] = jnp.zeros(shape + (config.model.context_dim,), jnp.float32)
+    inputs['context_mask'] = jnp.ones(shape, bool)
   return inputs
 
 

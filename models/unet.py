@@ -15,6 +15,10 @@ which diffusers' `UNet2DModel` reproduces as `google/ddpm-cifar10-32`:
 With image_size=32, out_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
 attn_resolutions=(16,) and one head this has exactly 35,746,307 parameters, as in the paper.
 
+With context_dim > 0 the U-Net is text-conditional: a `CrossAttnBlock` (cross-attention on the
+text states, then a GEGLU feed-forward, as in Stable Diffusion's transformer block) follows every
+attention block; its output projections start at zero, so at init it ignores the text.
+
 Initialisation follows DDPM: variance scaling (fan_avg, uniform) for every kernel, zero biases,
 and zeros for the last conv of each residual block, the attention output projection and conv_out,
 so that every block starts as the identity and the freshly initialised network outputs zeros.
@@ -119,6 +123,64 @@ class AttnBlock(nn.Module):
     return x + h.reshape(b, height, width, c)
 
 
+class CrossAttnBlock(nn.Module):
+  """Text cross-attention and a GEGLU feed-forward, Stable Diffusion's transformer-block order.
+
+  Runs after an `AttnBlock` (which is the self-attention of SD's block) on the image tokens:
+
+    h = h + to_out(attention(q = to_q(LN(h)), k = to_k(context), v = to_v(context), mask))
+    h = h + Dense_C(a * gelu(g)), with (a, g) = split(Dense_8C(LN(h)))
+
+  to_q/to_k/to_v have no bias, as in SD. The two output projections start at zero, so a fresh
+  block is the identity and a text model starts as the unconditional DDPM U-Net it extends.
+
+  Attributes:
+    num_heads: attention heads; must divide the channel count.
+    dtype: compute dtype (LayerNorm statistics and the softmax stay float32).
+  """
+  num_heads: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+    """Args: x [B, H, W, C]; context float [B, L, D]; context_mask bool [B, L] (True = real
+    token). Returns [B, H, W, C]."""
+    b, height, width, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} must divide the {c} channels of every '
+                       'attention layer; pick a divisor of ch * ch_mult[i].')
+    head_dim = c // self.num_heads
+    heads = (self.num_heads, head_dim)
+    h = x.reshape(b, height * width, c)
+
+    n = nn.LayerNorm(dtype=self.dtype, name='norm_cross')(h)
+    q = nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype, kernel_init=default_init(),
+                        name='to_q')(n)
+    ctx = context.astype(self.dtype)
+    k = nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype, kernel_init=default_init(),
+                        name='to_k')(ctx)
+    v = nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype, kernel_init=default_init(),
+                        name='to_v')(ctx)
+    mask = jnp.broadcast_to(context_mask[:, None, None, :],
+                            (b, self.num_heads, height * width, context.shape[1]))
+    a = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, HW, heads, head_dim]
+    # A row without a single real token has nothing to attend to: the softmax over an all-masked
+    # row is undefined (a uniform average or NaN, depending on the implementation), so such a row
+    # reads no text at all. jnp.where keeps the gradient of the other rows intact.
+    has_text = jnp.any(context_mask, axis=-1)[:, None, None, None]
+    a = jnp.where(has_text, a, jnp.zeros_like(a))
+    h = h + nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=default_init(0.0),
+                            name='to_out')(a)
+
+    n = nn.LayerNorm(dtype=self.dtype, name='norm_ff')(h)
+    # GEGLU (Shazeer 2020) with SD's inner width 4C: one Dense to 8C holds value and gate.
+    value, gate = jnp.split(nn.Dense(8 * c, dtype=self.dtype, kernel_init=default_init(),
+                                     name='ff_in')(n), 2, axis=-1)
+    f = value * nn.gelu(gate, approximate=False)
+    h = h + nn.Dense(c, dtype=self.dtype, kernel_init=default_init(0.0), name='ff_out')(f)
+    return h.reshape(b, height, width, c)
+
+
 class Downsample(nn.Module):
   """Halves H and W: 3x3 stride-2 conv with DDPM's padding, or 2x2 average pooling.
 
@@ -182,6 +244,8 @@ class UNet(nn.Module):
     conv_algorithm: 3x3 convs of residual blocks and upsampling: 'auto' (Winograd F(2x2, 3x3) or
       F(4x4, 3x3) where it measured faster, see `winograd_tile`), 'direct', 'winograd' (F(2x2))
       or 'winograd4' (F(4x4)). Same parameters and, up to float rounding, the same function.
+    context_dim: 0 = no text; > 0 = the width D of the text states `context` [B, L, D], read by a
+      `CrossAttnBlock` after every self-attention block (down, mid and up).
   """
   ch: int = 128
   out_ch: int = 3
@@ -197,11 +261,12 @@ class UNet(nn.Module):
   remat: bool = False
   num_groups: int = 32
   conv_algorithm: str = 'auto'
+  context_dim: int = 0
 
   def _compute_dtype(self):
     return layers.compute_dtype(self.dtype, 'model.dtype')
 
-  def _validate(self, x, t, y, cond):
+  def _validate(self, x, t, y, cond, context=None, context_mask=None):
     """Raises ValueError, naming the config field to change, for inputs this model cannot take."""
     if x.ndim != 4:
       raise ValueError(f'x must be NHWC [B, H, W, C]; got shape {x.shape}.')
@@ -244,10 +309,29 @@ class UNet(nn.Module):
     elif cond is not None:
       raise ValueError('cond was given but model.cond_channels=0; set model.cond_channels to the '
                        'condition image\'s channel count or drop cond.')
+    if self.context_dim > 0:
+      if context is None:
+        raise ValueError(f'model.context_dim={self.context_dim}: the model is text-conditional '
+                         'and needs context (float [B, L, context_dim] text-encoder states); pass '
+                         'context= or set model.context_dim=0.')
+      if jnp.ndim(context) != 3 or jnp.shape(context)[0] != b:
+        raise ValueError(f'context must have shape [B={b}, L, D]; got {jnp.shape(context)}.')
+      if jnp.shape(context)[-1] != self.context_dim:
+        raise ValueError(f'context has width {jnp.shape(context)[-1]} but model.context_dim='
+                         f'{self.context_dim}; set model.context_dim to the text encoder\'s '
+                         'width (e.g. 384 for MiniLM, 768 for CLIP ViT-L/14).')
+      if context_mask is not None and jnp.shape(context_mask) != jnp.shape(context)[:2]:
+        raise ValueError(f'context_mask must have shape [B, L]={jnp.shape(context)[:2]}; got '
+                         f'{jnp.shape(context_mask)}.')
+    elif context is not None or context_mask is not None:
+      raise ValueError('context was given but model.context_dim=0 (no text conditioning); set '
+                       'model.context_dim to the text encoder\'s width or drop context.')
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False, *,
-               y: Optional[jax.Array] = None, cond: Optional[jax.Array] = None) -> jax.Array:
+               y: Optional[jax.Array] = None, cond: Optional[jax.Array] = None,
+               context: Optional[jax.Array] = None,
+               context_mask: Optional[jax.Array] = None) -> jax.Array:
     """Predicts eps / x0 / v (whatever it was trained for) from a noisy image.
 
     Args:
@@ -257,12 +341,16 @@ class UNet(nn.Module):
       y: int32 [B] class labels in [0, num_classes] (num_classes = null label); class-conditional
         models only.
       cond: float [B, h, w, cond_channels] condition image; image-conditional models only.
+      context: float [B, L, context_dim] text-encoder token states; text models only.
+      context_mask: bool [B, L], True = real token (None = all real); text models only.
 
     Returns:
       float32 [B, H, W, out_ch].
     """
     dtype = self._compute_dtype()
-    self._validate(x, t, y, cond)
+    self._validate(x, t, y, cond, context, context_mask)
+    if self.context_dim > 0 and context_mask is None:
+      context_mask = jnp.ones(jnp.shape(context)[:2], bool)
     b, height, width, _ = x.shape
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -272,7 +360,11 @@ class UNet(nn.Module):
                        name=name)(h, temb, train)
 
     def attn_block(h, name):
-      return AttnBlock(self.num_heads, self.num_groups, dtype, name=name)(h)
+      h = AttnBlock(self.num_heads, self.num_groups, dtype, name=name)(h)
+      if self.context_dim > 0:
+        h = CrossAttnBlock(self.num_heads, dtype, name=name + '_cross')(
+            h, context, jnp.asarray(context_mask, bool))
+      return h
 
     temb = timestep_embedding(t, self.ch)
     temb = nn.Dense(4 * self.ch, dtype=dtype, kernel_init=default_init(), name='temb_dense0')(temb)
