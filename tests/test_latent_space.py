@@ -64,6 +64,12 @@ def test_the_model_denoises_latents_and_sampling_decodes_them(tmp_path):
   workdir = str(tmp_path / 'run')
   state = train_lib.train(config, workdir)
   assert int(state.step) == config.training.num_steps
+  # Killed at step 3 and rerun: the posterior noise is keyed by the step, the scale comes from
+  # the folder, so the resumed run ends bit for bit where the uninterrupted one did.
+  train_lib.train(config, str(tmp_path / 'split'), stop_after=3)
+  resumed = train_lib.train(config, str(tmp_path / 'split'))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
+               jax.device_get(state.params))
   model = experiment.model(config)
   out = sample_lib.sample_images(config, model, experiment.schedule(config), state.ema_params, 4,
                                  seed=0)
