@@ -1,6 +1,9 @@
 """sample_lib: guidance arithmetic, input loading, grids, and the exactness of inpainting, SDEdit
-at strength 0 and the cascade's resolution through `generate` (untrained tiny U-Nets)."""
+at strength 0 and the cascade's resolution through `generate` (untrained tiny U-Nets), and a
+checkpoint of the code before the structure change sampling the same images."""
 
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +226,22 @@ def test_cascade_rejects_an_unconditional_upsampler(tiny_model):
   config, _, _, _ = tiny_model
   with pytest.raises(config_lib.ConfigError, match='not image-conditional'):
     sample_lib.sample_cascade(config, None, None, config, None, None, 8, seed=0)
+
+
+OLD_RUN = os.path.join(os.path.dirname(__file__), 'data', 'run_2026-12-02')
+
+
+def test_a_checkpoint_written_before_the_restructure_samples_the_same_images(tmp_path):
+  """tests/data/run_2026-12-02 was trained and sampled by the code of commit 5d0d3d1 (before
+  the structure change, with the old field name training.label_dropout in its config.json):
+  a class-conditional micro U-Net, 3 steps, then DDIM 5 steps at guidance 2. Today's code must
+  restore it and write the same uint8 images, bit for bit."""
+  run = str(tmp_path / 'run')
+  shutil.copytree(OLD_RUN, run)
+  config = config_lib.load_run_config(run)  # migrates the renamed field
+  config.sampling.sampler, config.sampling.num_steps = 'ddim', 5
+  config.sampling.guidance_scale = 2.0
+  images = sample_lib.run_sample_mode(config, run)
+  with np.load(os.path.join(OLD_RUN, 'expected_ddim5_w2.npz')) as want:
+    np.testing.assert_array_equal(images, want['images'])
+  assert len(np.unique(images)) > 8
