@@ -25,7 +25,7 @@ from configs import digits
 
 
 def get_config():
-  config = digits.get_config()
+  config = digits.eps_linear(digits.get_config())
   config.model.num_classes = 10
   config.data.num_classes = 10
   config.training.cond_dropout = 0.1

@@ -24,7 +24,7 @@ from configs import digits
 
 
 def get_config():
-  config = digits.get_config()
+  config = digits.eps_linear(digits.get_config())
   config.data.image_size = 16
   config.data.low_res_size = 8
   config.model.cond_channels = 1

@@ -15,7 +15,7 @@ from configs import digits
 
 
 def get_config():
-  config = digits.get_config()
+  config = digits.eps_linear(digits.get_config())
   config.data.image_size = 8
   config.model.ch_mult = (1, 2)
   config.model.attn_resolutions = (4,)

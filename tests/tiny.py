@@ -6,7 +6,7 @@ from configs import digits
 
 def tiny_config(**overrides):
   """digits at 8x8 with a 2-level, 16-channel U-Net; `overrides` as {'optim.lr': 1e-3}."""
-  config = digits.get_config()
+  config = digits.eps_linear(digits.get_config())
   config.data.image_size = 8
   config.model.ch = 16
   config.model.ch_mult = (1, 2)
