@@ -552,7 +552,7 @@ def test_inpainting_keeps_known_pixels_exactly():
 
 def test_unknown_sampler_raises():
   with pytest.raises(ValueError, match='unknown sampler'):
-    samplers.num_model_evals('euler', schedules.get_schedule('linear', 10), 10)
+    samplers.num_model_evals('lms', schedules.get_schedule('linear', 10), 10)
 
 
 @pytest.mark.parametrize('spacing', ['trailing', 'leading'])
