@@ -162,14 +162,15 @@ class FidHook:
 
   name = 'fid'
 
-  def __init__(self, config):
+  def __init__(self, config, latent=None):
     self.config = config
     self.every = config.training.eval_every
     _, self.params = fid_lib.load_inception(config.eval.inception_weights)
     self.ref = reference_stats(config, params=self.params)
     self._model = experiment.model(config)
     self._schedule = experiment.schedule(config)
-    self._latent = latent_space.load(config)  # once, not at every evaluation
+    # Loaded once, not at every evaluation (or given by training_hooks, shared with the grid).
+    self._latent = latent if latent is not None else latent_space.load(config)
 
   def __call__(self, step, ema_params, stop=None):
     n = self.config.training.eval_num_samples
@@ -181,11 +182,14 @@ class FidHook:
     return {f'fid_n{n}': result['fid'], f'kid_n{n}': result.get('kid', float('nan'))}
 
 
-def training_hooks(config, workdir):
-  """The periodic work config.training declares, for train_lib.train(..., hooks=...)."""
+def training_hooks(config, workdir, latent=None):
+  """The periodic work config.training declares, for train_lib.train(..., hooks=...); `latent`
+  (a latent_space.LatentSpace) is shared rather than read again (default: from config.latent)."""
   hooks = []
+  if latent is None and (config.training.sample_every > 0 or config.training.eval_every > 0):
+    latent = latent_space.load(config)
   if config.training.sample_every > 0:
-    hooks.append(sample_lib.GridHook(config, workdir))
+    hooks.append(sample_lib.GridHook(config, workdir, latent))
   if config.training.eval_every > 0:
-    hooks.append(FidHook(config))
+    hooks.append(FidHook(config, latent))
   return hooks

@@ -4,8 +4,8 @@ With config.latent.autoencoder set to a diffusers AutoencoderKL folder (e.g. sd-
 training encodes each batch's images to z = (posterior sample - shift) * scale before the train
 step, and sampling decodes z / scale + shift after the sampler; the diffusion model, its
 schedule, the trainer and the samplers see latents only and do not change. The scale is the
-folder's scaling_factor (SD: 0.18215) unless config.latent.scale_factor sets one (LDM's
-scale_by_std: 1 / std of the first batch's latents).
+folder's scaling_factor (SD: 0.18215) unless config.latent.scale_factor sets one; LDM's
+scale_by_std (1 / std of the first batch's latents) is not implemented.
 
 The encoder runs in every train step, as in LDM: no cache to go stale when the data
 augmentation changes. Its params are an argument of the jitted functions, never a constant
@@ -41,8 +41,7 @@ class LatentSpace:
     """Pure: images float32 [..., H, W, C] in [-1, 1] -> model latents [..., h, w, L]."""
     lead = images.shape[:-3]
     x = images.reshape((-1,) + images.shape[-3:])
-    post = self.module.apply({'params': params}, x, method='encode')
-    post = autoencoder.DiagonalGaussian(*post)
+    post = self.module.apply({'params': params}, x, method='encode')  # a DiagonalGaussian
     z = post.sample(rng) if self.sample_posterior else post.mode()
     z = (z - self.shift) * self.scale
     return z.reshape(lead + z.shape[1:]).astype(jnp.float32)

@@ -170,8 +170,11 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       import eval_lib  # pylint: disable=g-import-not-at-top
+      import latent_space  # pylint: disable=g-import-not-at-top
       import train_lib  # pylint: disable=g-import-not-at-top
-      train_lib.train(config, FLAGS.workdir, hooks=eval_lib.training_hooks(config, FLAGS.workdir),
+      latent = latent_space.load(config)  # read once, shared by the trainer and its hooks
+      train_lib.train(config, FLAGS.workdir, latent=latent,
+                      hooks=eval_lib.training_hooks(config, FLAGS.workdir, latent),
                       allow_config_change=FLAGS.allow_config_change)
     elif FLAGS.mode == 'sample':
       import sample_lib  # pylint: disable=g-import-not-at-top

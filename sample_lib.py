@@ -288,12 +288,13 @@ class GridHook:
 
   name = 'sample_grid'
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, latent=None):
     self.config, self.workdir = config, workdir
     self.every = config.training.sample_every
     self._model = experiment.model(config)
     self._schedule = experiment.schedule(config)
-    self._latent = latent_space.load(config)  # once, not at every grid
+    # Loaded once, not at every grid (or given by training_hooks, shared with the FID hook).
+    self._latent = latent if latent is not None else latent_space.load(config)
 
   def __call__(self, step, ema_params, stop=None):
     config = self.config

@@ -308,7 +308,8 @@ def _write_pending(workdir, step, names):
                       json.dumps({'step': int(step), 'hooks': list(names)}))
 
 
-def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=None):
+def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=None,
+          latent=None):
   """Trains (or resumes) the run in `workdir`; returns the final TrainState.
 
   Reliability contract (tests/test_reliability.py, bench/kill_resume.py):
@@ -335,6 +336,7 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
     allow_config_change: resume even though config.json differs.
     stop_after: stop (with a checkpoint) once this many steps are done, as if preempted;
       used by tests of exact resumption.
+    latent: the LatentSpace of a latent diffusion config (default: loaded from config.latent).
 
   Raises:
     config_lib.ConfigError: a bad config, a data source that cannot be read, a refused
@@ -380,19 +382,20 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
       logging.info('new run in %s: %s parameters', workdir,
                    f'{models.count_params(state.params):,}')
     _trim_metrics(workdir, step)
+    if latent is None:
+      latent = latent_space.load(config)
     return _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop,
-                 stop_after, list(hooks), pending)
+                 stop_after, list(hooks), pending, latent)
   finally:
     mngr.wait_until_finished()
     mngr.close()
     stop.restore()
 
 
-def _latent_encoder(config, mesh):
+def _latent_encoder(config, latent, mesh):
   """(images, step) -> latents for latent diffusion (None in pixel space): the frozen
   autoencoder's encoder, jitted once, its params an argument; the posterior noise of step s is
   fold_in(latent_space.encoder_key, s), so resumption stays exact."""
-  latent = latent_space.load(config)
   if latent is None:
     return None
   params = jax.device_put(latent.params, sharding.replicated(mesh))
@@ -402,12 +405,12 @@ def _latent_encoder(config, mesh):
 
 
 def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after,
-          hooks, pending):
+          hooks, pending, latent=None):
   """The training loop of `train`, from `state` at `step`; returns the last state."""
   tc = config.training
   k = tc.steps_per_dispatch
   step_fn, rows = compile_train_step(config, model, schedule, tx, mesh)
-  to_latent = _latent_encoder(config, mesh)
+  to_latent = _latent_encoder(config, latent, mesh)
   lr_at = learning_rate(config)
   writer = MetricWriter(workdir)
   end = tc.num_steps if stop_after is None else min(tc.num_steps, stop_after)
