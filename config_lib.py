@@ -265,6 +265,68 @@ def _check_latent(config):
   return d.image_size // factor
 
 
+def _check_formulation(config):
+  """config.diffusion.formulation, EDM's fields, and what makes no sense with each."""
+  df, s = config.diffusion, config.sampling
+  _one_of(config, 'diffusion.formulation', 'formulation')
+  _number_in(config, 'diffusion.min_snr_gamma', 0.0, None)
+  for f in ('diffusion.sigma_data', 'diffusion.p_std', 'sampling.sigma_min', 'sampling.sigma_max',
+            'sampling.rho'):
+    _number_in(config, f, 0.0, None, low_open=True)
+  _number_in(config, 'diffusion.p_mean', None, None)
+  _check(s.sigma_min < s.sigma_max, 'sampling.sigma_min',
+         f'{s.sigma_min} must be below sampling.sigma_max = {s.sigma_max}')
+  if df.formulation == 'edm':
+    _check(df.min_snr_gamma == 0, 'diffusion.min_snr_gamma',
+           "is the ddpm formulation's loss weighting; the edm formulation weights by EDM's "
+           '(sigma^2 + sigma_data^2) / (sigma sigma_data)^2: set it to 0')
+    _check(config.eval.bpd_num_examples == 0, 'eval.bpd_num_examples',
+           "DDPM's discrete variational bound is not defined for the edm formulation; set 0")
+  if s.sampler in choices('edm_sampler'):
+    _check(s.spacing == 'auto', 'sampling.spacing',
+           f"{s.spacing!r}: the {s.sampler!r} sampler runs its own rho grid (sampling.sigma_min, "
+           "sigma_max, rho); leave it 'auto'")
+    _check(not s.init_image and not s.resample > 1, 'sampling.init_image',
+           f"img2img and inpainting are not supported by the {s.sampler!r} sampler; choose "
+           "another (e.g. 'ddim' or 'heun')")
+
+
+def _check_sd_unet(config, size):
+  """config.sd_unet (models/sd_unet.py) against the data, the latent space and the text."""
+  g, m = config.sd_unet, config.model
+  ch = tuple(g.block_out_channels)
+  _check(len(ch) > 0 and all(_is_int(c) and c > 0 for c in ch), 'sd_unet.block_out_channels',
+         f'must be a non-empty tuple of positive ints, got {g.block_out_channels!r}')
+  _check(all(c % g.norm_num_groups == 0 for c in ch), 'sd_unet.norm_num_groups',
+         f'{g.norm_num_groups} groups must divide every channel count of {ch}')
+  heads = g.attention_head_dim
+  heads = (heads,) * len(ch) if _is_int(heads) else tuple(heads)
+  _check(len(heads) == len(ch) and all(_is_int(h) and h > 0 and c % h == 0
+                                       for h, c in zip(heads, ch)), 'sd_unet.attention_head_dim',
+         f'{g.attention_head_dim!r} (heads, an int or one per block) must divide each of {ch}')
+  for f in ('down_block_types', 'up_block_types'):
+    _check(len(g[f]) == len(ch), f'sd_unet.{f}', f'needs one entry per block ({len(ch)})')
+  factor = 2 ** (len(ch) - 1)
+  _check(size % factor == 0, 'data.image_size', f'the model input side {size} is not divisible '
+         f'by 2**(len(sd_unet.block_out_channels)-1) = {factor}')
+  channels = config.latent.channels if config.latent.autoencoder else config.data.num_channels
+  _check(g.in_channels in (0, channels), 'sd_unet.in_channels',
+         f'{g.in_channels} differs from the {channels} channels the model denoises '
+         '(latent.channels with latent.autoencoder, else data.num_channels); SD needs its VAE: set '
+         'latent.autoencoder, or sd_unet.in_channels=0')
+  _check(g.out_channels in (0, channels), 'sd_unet.out_channels',
+         f'{g.out_channels} differs from the {channels} channels the model denoises')
+  _check(m.context_dim > 0, 'model.context_dim', 'the SD U-Net is text-conditional: set the '
+         "text encoder's width (768 for CLIP ViT-L/14, 384 for MiniLM)")
+  _check(g.cross_attention_dim in (0, m.context_dim), 'sd_unet.cross_attention_dim',
+         f'{g.cross_attention_dim} differs from model.context_dim = {m.context_dim} (0 = take it)')
+  _check(m.num_classes == 0 and m.cond_channels == 0, 'model.num_classes',
+         'the SD U-Net takes no class labels or condition image; set model.num_classes and '
+         'model.cond_channels to 0')
+  _check(g.attention_impl in ('', 'xla', 'cudnn'), 'sd_unet.attention_impl',
+         f"{g.attention_impl!r}: '' (XLA) or 'cudnn'")
+
+
 def _get(config, path):
   node = config
   for part in path.split('.'):
@@ -332,6 +394,8 @@ def validate(config, *, num_devices=1, process_count=1):
            f'{g.num_heads} heads must divide dit.hidden_size = {g.hidden_size} (a multiple of 4)')
     _check(m.cond_channels == 0, 'model.cond_channels', 'DiT takes no image condition; set 0')
     _check(m.context_dim == 0, 'model.context_dim', 'DiT takes no text condition; set 0')
+  if m.name == 'sd_unet':
+    _check_sd_unet(config, size)
   _check(d.low_res_size < d.image_size, 'data.low_res_size',
          f'{d.low_res_size} must be smaller than data.image_size = {d.image_size} (0 = off)')
   _check(m.cond_channels == 0 or d.low_res_size > 0, 'model.cond_channels',

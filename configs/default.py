@@ -80,14 +80,54 @@ def get_config():
   # that half is not trained here (no VLB term) and sampling uses the fixed variance.
   dit.learn_sigma = False
 
+  # ---------------------------------------------------------------- SD U-Net (model.name 'sd_unet')
+  # Stable Diffusion 1.x / 2.x's U-Net (diffusers' UNet2DConditionModel, models/sd_unet.py); only
+  # read when model.name = 'sd_unet' (the U-Net fields above do not apply; model.dtype and
+  # model.remat do). Field names and meanings are diffusers' config.json's; the defaults are SD
+  # 1.5's architecture (configs/sd15.py; a tiny one: configs/shapes_sd_tiny.py).
+  # models.load_diffusers_unet(folder) builds the same group from a folder's config.json.
+  config.sd_unet = sd = ml_collections.ConfigDict()
+  sd.in_channels = 0  # channels of x; 0 = what is denoised (latent.channels / data.num_channels)
+  sd.out_channels = 0  # channels of the prediction; 0 = in_channels
+  sd.sample_size = 64  # the latent size the weights were trained at (informational; SD 1.5: 64)
+  sd.block_out_channels = (320, 640, 1280, 1280)  # per block; x's side must divide by 2**(n-1)
+  sd.layers_per_block = 2  # resnets per down block (int or one per block); up blocks have one more
+  # per block, in down order; up blocks are listed in their own (reversed-resolution) order
+  sd.down_block_types = ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',)
+  sd.up_block_types = ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3
+  # diffusers' name for the NUMBER OF HEADS in this model (int, or one per block: SD 2.x's
+  # (5, 10, 20, 20)); head width = channels / heads. SD 1.x: 8.
+  sd.attention_head_dim = 8
+  sd.transformer_layers_per_block = 1  # BasicTransformerBlocks per Transformer2D (int or per block)
+  sd.cross_attention_dim = 0  # width of the text states; 0 = model.context_dim (SD 1.x: 768)
+  sd.use_linear_projection = False  # proj_in / proj_out linear (SD 2.x), not 1x1 convs (SD 1.x)
+  sd.norm_num_groups = 32  # GroupNorm groups, exactly (must divide every channel count)
+  sd.norm_eps = 1e-5  # resnets' and conv_norm_out's GroupNorm eps (the transformers' is 1e-6)
+  sd.flip_sin_to_cos = True  # timestep features cos first (SD: True)
+  sd.freq_shift = 0  # timestep frequencies 10000^(-i / (half - freq_shift)) (SD: 0)
+  sd.downsample_padding = 1  # padding of the stride-2 convs (SD: 1; 0 pads (0, 1) as diffusers)
+  sd.dropout = 0.0  # inside every resnet, train=True only (SD: 0)
+  # jax.nn.dot_product_attention's implementation: '' = XLA (any backend), 'cudnn' = cuDNN's fused
+  # kernel (NVIDIA GPUs, model.dtype='bfloat16' only)
+  sd.attention_impl = ''
+
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = 'linear'  # 'linear' (DDPM) | 'cosine' (Nichol & Dhariwal)
+  diffusion.schedule = 'linear'  # 'linear' (DDPM) | 'cosine' (Nichol & Dhariwal) | 'scaled_linear' (SD)
   diffusion.num_timesteps = 1000  # T
   diffusion.beta_start = 1e-4  # linear schedule only
   diffusion.beta_end = 0.02  # linear schedule only
   diffusion.cosine_s = 0.008  # cosine schedule offset s
-  diffusion.prediction = 'eps'  # what the network predicts: 'eps' | 'x0' | 'v'
+  diffusion.prediction = 'eps'  # what the network predicts: 'eps' | 'x0' | 'v' (ddpm formulation)
+  # 'ddpm': discrete t, eps / x0 / v targets (diffusion/losses.py) | 'edm': Karras et al. 2022, a
+  # preconditioned denoiser in continuous sigma (diffusion/edm.py). Both sample with every sampler
+  # (an EDM model through the VP bridge on the schedule above; 'edm', EDM's own, for either).
+  diffusion.formulation = 'ddpm'
+  # ddpm only: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper); 0 = off
+  diffusion.min_snr_gamma = 0.0
+  diffusion.sigma_data = 0.5  # edm: the data std its preconditioning assumes (EDM: 0.5)
+  diffusion.p_mean = -1.2  # edm: training noise levels ln sigma ~ N(p_mean, p_std^2)
+  diffusion.p_std = 1.2
 
   # ---------------------------------------------------------------- optimizer
   config.optim = optim = ml_collections.ConfigDict()

@@ -3,6 +3,8 @@
 Adding an architecture: write a builder `(config) -> nn.Module` and name it in `_BUILDERS`.
 Every model is called as `model.apply(variables, x, t, train=False, y=None, cond=None)` (a text
 U-Net also takes context=, context_mask=) and returns a float32 prediction with x's shape.
+'sd_unet' is Stable Diffusion's U-Net (models/sd_unet.py, config.sd_unet);
+`load_diffusers_unet(folder) -> (module, params)` reads a diffusers UNet2DConditionModel folder.
 """
 
 from typing import Any, Callable, Dict
@@ -13,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import dit
+from models import sd_unet
+from models.sd_unet import load_diffusers_unet  # noqa: F401  (public API)
 from models.layers import timestep_embedding  # noqa: F401  (re-exported)
 from models.unet import UNet
 
@@ -42,7 +46,12 @@ def _build_dit(config) -> nn.Module:
   return dit.build(config, in_channels=input_shape(config)[-1])
 
 
-_BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {'unet': _build_unet, 'dit': _build_dit}
+def _build_sd_unet(config) -> nn.Module:
+  return sd_unet.build(config, in_channels=input_shape(config)[-1])
+
+
+_BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {'unet': _build_unet, 'dit': _build_dit,
+                                                    'sd_unet': _build_sd_unet}
 
 
 def create_model(config) -> nn.Module:

@@ -104,3 +104,13 @@ def test_matches_diffusers(name, diffusers_name):
   np.testing.assert_allclose(ours[:-1], r.alphas_cumprod[:-1], rtol=1e-6, atol=0)
   # ...except where beta is clipped at 0.999: float32(1 - float32(0.999)) is 1.3e-5 off 0.001.
   np.testing.assert_allclose(ours[-1], r.alphas_cumprod[-1], rtol=2e-5, atol=0)
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+  # Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 1):
+  # SD's schedule ends at sqrt(abar_T) = 0.068265, a terminal SNR of 0.0047, not zero.
+  betas = schedules.scaled_linear_betas(1000)
+  assert betas[0] == pytest.approx(0.00085) and betas[-1] == pytest.approx(0.012)
+  assert np.all(np.diff(np.sqrt(betas)) > 0)
+  np.testing.assert_allclose(np.diff(np.sqrt(betas)), np.diff(np.sqrt(betas))[0], rtol=1e-9)
+  assert np.sqrt(np.prod(1 - betas)) == pytest.approx(0.068265, abs=1e-6)
