@@ -72,6 +72,8 @@ REGISTRIES = {
     'dtype': ('models/layers.py', 'SUPPORTED_DTYPES'),
     'conv_algorithm': ('models/winograd.py', 'CONV_ALGORITHMS'),
     'crop': ('data/preprocess.py', 'CROPS'),
+    'formulation': ('diffusion/edm.py', 'FORMULATIONS'),
+    'edm_sampler': ('diffusion/edm.py', 'SAMPLERS'),  # EDM's own, beside 'sampler'
 }
 
 
@@ -415,6 +417,7 @@ def validate(config, *, num_devices=1, process_count=1):
            'a class-conditional model (model.num_classes > 0) needs labels')
   _one_of(config, 'diffusion.schedule', 'schedule')
   _one_of(config, 'diffusion.prediction', 'prediction')
+  _check_formulation(config)
   _number_in(config, 'diffusion.beta_start', 0.0, 1.0, low_open=True)
   _number_in(config, 'diffusion.beta_end', 0.0, 1.0, low_open=True)
   _number_in(config, 'diffusion.cosine_s', 0.0, None, low_open=True)
@@ -440,12 +443,13 @@ def validate(config, *, num_devices=1, process_count=1):
   _check(s.batch_size % num_devices == 0, 'sampling.batch_size',
          f'{s.batch_size} does not divide over {num_devices} devices; use a multiple of '
          f'{num_devices}')
-  _one_of(config, 'sampling.sampler', 'sampler')
+  edm_sampler = s.sampler in choices('edm_sampler')  # continuous sigma: no T bound, own grid
+  _one_of(config, 'sampling.sampler', 'sampler', extra=choices('edm_sampler'))
   _one_of(config, 'sampling.spacing', 'grid', extra=('auto',))
-  _check(s.num_steps <= df.num_timesteps, 'sampling.num_steps',
+  _check(edm_sampler or s.num_steps <= df.num_timesteps, 'sampling.num_steps',
          f'{s.num_steps} exceeds diffusion.num_timesteps = {df.num_timesteps}')
   grid = s.spacing
-  if grid == 'auto':
+  if grid == 'auto' and not edm_sampler:
     grid = default_grids()[s.sampler]
   _check(grid != 'dpm' or s.num_steps < df.num_timesteps, 'sampling.num_steps',
          f"{s.num_steps} steps on the 'dpm' grid need fewer than diffusion.num_timesteps = "
@@ -455,8 +459,8 @@ def validate(config, *, num_devices=1, process_count=1):
     _number_in(config, f, 0.0, None)
   _number_in(config, 'sampling.s_noise', 0.0, None, low_open=True)
   _check(s.s_tmin <= s.s_tmax, 'sampling.s_tmin', f'{s.s_tmin} exceeds sampling.s_tmax = {s.s_tmax}')
-  _check(s.s_churn == 0 or s.sampler in ('heun', 'euler'), 'sampling.s_churn',
-         f"EDM's churn applies to the samplers 'heun' and 'euler', not {s.sampler!r}; "
+  _check(s.s_churn == 0 or s.sampler in ('heun', 'euler') or edm_sampler, 'sampling.s_churn',
+         f"EDM's churn applies to the samplers 'heun', 'euler' and 'edm', not {s.sampler!r}; "
          'set it to 0 or choose one of them')
   _number_in(config, 'sampling.guidance_scale', 0.0, None)
   guided = m.num_classes > 0 or m.get('context_dim', 0) > 0

@@ -37,6 +37,7 @@ import models
 import progress
 import sharding
 from data import preprocess
+from diffusion import edm
 from diffusion import samplers
 
 TASKS = ('sample', 'img2img', 'inpaint')
@@ -86,19 +87,23 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
       if task == 'inpaint':
         extra.update(inpaint=(images, mask), resample=resample)
     x_init = jax.lax.with_sharding_constraint(x_init, rows)
-    x = samplers.sample(schedule, model_fn, x_init, loop_rng, sampler=sampler,
-                        num_steps=num_steps, spacing=spacing, eta=eta,
-                        prediction=config.diffusion.prediction,
-                        clip_x0=clip_x0,
-                        use_clipped_model_output=use_clipped_model_output, churn=churn, **extra)
+    # Either formulation on any sampler: an EDM model reaches samplers.py's through the VP
+    # bridge, and sampler 'edm' (EDM's Heun) takes a DDPM model through it the other way.
+    d, s = config.diffusion, config.sampling
+    x = edm.sample_model(schedule, model_fn, x_init, loop_rng, formulation=d.formulation,
+                         sampler=sampler, num_steps=num_steps, spacing=spacing, eta=eta,
+                         prediction=d.prediction, clip_x0=clip_x0,
+                         use_clipped_model_output=use_clipped_model_output, churn=churn,
+                         sigma_data=d.sigma_data, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
+                         rho=s.rho, **extra)
     return x if latent is None else latent.decode(ae_params, x)
 
   gen = jax.jit(generate_batch, static_argnums=4, out_shardings=rows)
   ae_params = None if latent is None else jax.device_put(latent.params,
                                                           sharding.replicated(mesh))
 
-  def generate(params, rng, conds, batch_size, images=None, mask=None):
-    return gen(params, ae_params, rng, conds, batch_size, images, mask)
+  def generate(params, rng, conds, batch_size, images=None, mask=None, null_conds=None):
+    return gen(params, ae_params, rng, conds, batch_size, images, mask, null_conds)
   # For ahead-of-time lowering (bench/sampling.py): the jitted function and its ae_params.
   generate.jitted, generate.ae_params = gen, ae_params
   return generate

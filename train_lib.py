@@ -1,10 +1,10 @@
 """Training: the train state, the one train step, the loop and its logs.
 
-The whole step is `train_step` below: noise a batch at uniform t, regress the network's
-prediction, clip and apply Adam, update the EMA. It is compiled once with `jax.jit` over a
-mesh of every device (batch sharded on 'data', state replicated and donated). Per-step
-randomness is `fold_in(state.rng, state.step)`, so a resumed run draws the same numbers as an
-uninterrupted one.
+The whole step is `train_step` below: noise a batch at uniform t (or at EDM's log-normal sigma,
+config.diffusion.formulation = 'edm'), regress the network's prediction, clip and apply Adam,
+update the EMA. It is compiled once with `jax.jit` over a mesh of every device (batch sharded
+on 'data', state replicated and donated). Per-step randomness is `fold_in(state.rng,
+state.step)`, so a resumed run draws the same numbers as an uninterrupted one.
 
 Periodic work other than checkpoints (sample grids, in-loop FID) reaches the loop as hooks
 built by the caller (eval_lib.training_hooks): this module names no evaluator.
@@ -31,6 +31,7 @@ import latent_space
 import models
 import progress
 import sharding
+from diffusion import edm
 from diffusion import losses
 
 
@@ -132,8 +133,11 @@ def make_train_step(config, model, schedule, tx, conditioner=None):
       def model_fn(x_t, t):
         return models.prediction(config, model.apply(
             {'params': params}, x_t, t, train=True, rngs={'dropout': drop_rng}, **conds))
+      if d.formulation == 'edm':  # model_fn is EDM's F(c_in x, t_in): edm.denoise wraps it
+        return edm.edm_loss(model_fn, batch['image'], loss_rng, sigma_data=d.sigma_data,
+                            p_mean=d.p_mean, p_std=d.p_std).mean()
       return losses.diffusion_loss(schedule, model_fn, batch['image'], loss_rng,
-                                   prediction=prediction).mean()
+                                   prediction=prediction, min_snr_gamma=d.min_snr_gamma).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.tree.norm(grads)

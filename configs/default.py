@@ -165,18 +165,24 @@ def get_config():
 
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddpm'  # a name in diffusion/samplers.py's SAMPLERS
+  sampling.sampler = 'ddpm'  # a name in diffusion/samplers.py's SAMPLERS, or EDM's 'edm'
   sampling.num_steps = 1000  # sampler steps (ddpm with < T steps = respaced chain)
   # time grid, any sampler on any grid (diffusion/grids.py): 'leading' | 'trailing' | 'linspace'
   # | 'dpm' (leading without t = 0) | 'karras' (rho = 7, EDM's) | 'auto' (the sampler's default)
   sampling.spacing = 'auto'
   sampling.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like
-  # EDM's stochastic churn for 'heun' and 'euler' (diffusion/samplers.py's Churn): 0 = off.
+  # EDM's stochastic churn for 'heun', 'euler' and 'edm' (diffusion/samplers.py's Churn): 0 = off.
   # sigma here is EDM's sqrt((1 - abar) / abar); the linear schedule spans 0.0100 to 157.4.
   sampling.s_churn = 0.0
   sampling.s_tmin = 0.0
   sampling.s_tmax = 1e9  # EDM's inf: above every sigma a schedule has
   sampling.s_noise = 1.0
+  # sampler 'edm' (EDM's Heun; diffusion/edm.py): num_steps points of the rho grid from sigma_max
+  # down to sigma_min, then 0 (2 num_steps - 1 evaluations; EDM's CIFAR-10: 18 steps, 35). A DDPM
+  # model's grid is clamped to its schedule's sigma range and rounded to its steps.
+  sampling.sigma_min = 0.002
+  sampling.sigma_max = 80.0
+  sampling.rho = 7.0
   sampling.clip_x0 = True  # clip predicted x0 to [-1, 1] at each step
   # ddim: recompute eps from the clipped x0 (diffusers' use_clipped_model_output); helps at high
   # guidance scales, where the raw eps overshoots. False = diffusers' default.

@@ -1,4 +1,5 @@
-"""Training loss (DDPM's simple loss, eps / x0 / v targets) and the variational bound in bits/dim.
+"""Training loss (DDPM's simple loss, eps / x0 / v targets, optional Min-SNR-gamma weighting) and
+the variational bound in bits/dim. EDM's loss is in diffusion/edm.py.
 
 `model_fn(x_t, t) -> model_out` is a pure function: x_t [B, ...], t int32 [B], output x_t's shape.
 """
@@ -42,8 +43,28 @@ def denoising_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, t: jnp.ndarray
   return _mean_flat(err ** 2)
 
 
+def min_snr_weight(schedule: Schedule, t: jnp.ndarray, prediction: str,
+                   gamma: float) -> jnp.ndarray:
+  """Min-SNR-gamma (Hang et al. 2023): per-example weights, float32 [B].
+
+  With SNR = abar_t / (1 - abar_t), each target's MSE is weighted so that the loss equals
+  min(SNR, gamma) * |x0_pred - x0|^2: eps: min(SNR, gamma) / SNR, x0: min(SNR, gamma),
+  v: min(SNR, gamma) / (SNR + 1) (|v err|^2 = (SNR + 1) |x0 err|^2).
+  """
+  a = process.gather(schedule.alphas_cumprod, t).astype(jnp.float32)
+  snr = a / (1.0 - a)
+  clipped = jnp.minimum(snr, gamma)
+  if prediction == 'eps':
+    return clipped / snr
+  if prediction == 'x0':
+    return clipped
+  if prediction == 'v':
+    return clipped / (snr + 1.0)
+  raise ValueError(f'prediction must be one of {process.PREDICTIONS}, got {prediction!r}')
+
+
 def diffusion_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, rng: jax.Array, *,
-                   prediction: str = 'eps') -> jnp.ndarray:
+                   prediction: str = 'eps', min_snr_gamma: float = 0.0) -> jnp.ndarray:
   """DDPM's simple loss with t ~ U{0, ..., T-1} and eps ~ N(0, I) drawn from rng.
 
   Args:
@@ -52,6 +73,8 @@ def diffusion_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, rng: jax.Array
     x0: clean data [B, ...] in [-1, 1].
     rng: PRNG key.
     prediction: 'eps' | 'x0' | 'v'.
+    min_snr_gamma: > 0: weight each example by `min_snr_weight` (e.g. 5, the paper's);
+      0 = the unweighted simple loss.
 
   Returns:
     float32 [B] per-example loss (average it, or weight it, outside).
@@ -59,7 +82,10 @@ def diffusion_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, rng: jax.Array
   t_key, noise_key = jax.random.split(rng)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  return denoising_loss(schedule, model_fn, x0, t, noise, prediction=prediction)
+  loss = denoising_loss(schedule, model_fn, x0, t, noise, prediction=prediction)
+  if min_snr_gamma > 0:
+    loss = loss * min_snr_weight(schedule, t, prediction, min_snr_gamma)
+  return loss
 
 
 # ------------------------------------------------------------------------ variational bound

@@ -250,6 +250,15 @@ def _dpm_solver_pp_2m_sde(schedule, model_fn, x, t, t_prev, state, key, opts):
   return _dpm_solver_pp_2m(schedule, model_fn, x, t, t_prev, state, key, opts, sde=True)
 
 
+def churn_gamma(churn: Churn, sigma, num_steps: int):
+  """EDM's gamma_i = min(S_churn / n, sqrt(2) - 1) where S_tmin <= sigma <= S_tmax, else 0.
+
+  sigma: numpy or jnp, any shape (diffusion/edm.py's continuous sampler uses the same rule).
+  """
+  in_range = (sigma >= churn.s_tmin) & (sigma <= churn.s_tmax)
+  return in_range * min(churn.s_churn / num_steps, 2 ** 0.5 - 1)
+
+
 def _churn(schedule, x, t, key, opts: StepOptions):
   """EDM's churn before a step from t: returns (x at t_hat, t_hat), t_hat >= t on the grid of the
   schedule's T noise levels (x, t unchanged when churn is off or sigma_t is outside its range).
@@ -263,8 +272,7 @@ def _churn(schedule, x, t, key, opts: StepOptions):
                 / np.asarray(schedule.alphas_cumprod, np.float64))
   log_sig = jnp.asarray(np.log(sig), jnp.float32)
   s_t = _edm_sigma(schedule, t, x).reshape(())  # scalar t: every row shares it
-  gamma = jnp.where((s_t >= c.s_tmin) & (s_t <= c.s_tmax),
-                    min(c.s_churn / opts.num_steps, 2 ** 0.5 - 1), 0.0)
+  gamma = churn_gamma(c, s_t, opts.num_steps)
   target = jnp.log(s_t * (1 + gamma))
   t_hat = jnp.maximum(jnp.argmin(jnp.abs(log_sig - target)).astype(jnp.int32),
                       jnp.asarray(t, jnp.int32))

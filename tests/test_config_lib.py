@@ -213,13 +213,14 @@ def test_name_lists_are_the_registries():
   import train_lib  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   from data import preprocess  # pylint: disable=g-import-not-at-top
-  from diffusion import grids, process, samplers, schedules  # pylint: disable=g-import-not-at-top
+  from diffusion import edm, grids, process, samplers, schedules  # pylint: disable=g-import-not-at-top
   from models import layers, winograd  # pylint: disable=g-import-not-at-top
   imported = {'schedule': schedules._BETAS, 'prediction': process.PREDICTIONS,
               'sampler': samplers.SAMPLERS, 'grid': grids.GRIDS, 'optimizer': train_lib.OPTIMIZERS,
               'lr_schedule': train_lib.LR_SCHEDULES,
               'model': models._BUILDERS, 'dtype': layers.SUPPORTED_DTYPES,
-              'conv_algorithm': winograd.CONV_ALGORITHMS, 'crop': preprocess.CROPS}
+              'conv_algorithm': winograd.CONV_ALGORITHMS, 'crop': preprocess.CROPS,
+              'formulation': edm.FORMULATIONS, 'edm_sampler': edm.SAMPLERS}
   assert set(imported) == set(config_lib.REGISTRIES)
   for kind, registry in imported.items():
     assert config_lib.choices(kind) == tuple(registry), kind
