@@ -148,7 +148,8 @@ def set_field(config, path, value):
     raise ConfigError(f"unknown config field '{path}'.{_did_you_mean(path, known)}")
   group, _, leaf = path.rpartition('.')
   node = _get(config, group) if group else config
-  if isinstance(value, str) and not isinstance(node[leaf], str):
+  # get_type: a placeholder(str) field holds None but still takes a string as it is.
+  if isinstance(value, str) and node.get_type(leaf) is not str:
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
@@ -342,9 +343,11 @@ def validate(config, *, num_devices=1, process_count=1):
                      config.sampling)
   _check(_is_int(config.seed), 'seed', f'must be an integer, got {config.seed!r}')
   ds = d.dataset
-  _check(ds == 'digits' or (isinstance(ds, str) and (ds.startswith('tfds:') and len(ds) > 5
-                                                     or ds.startswith('folder:') and len(ds) > 7)),
-         'data.dataset', f"unknown dataset {ds!r}; use 'digits', 'tfds:NAME' or 'folder:/path'")
+  _check(ds in ('digits', 'shapes') or (
+      isinstance(ds, str) and (ds.startswith('tfds:') and len(ds) > 5
+                               or ds.startswith('folder:') and len(ds) > 7)),
+         'data.dataset',
+         f"unknown dataset {ds!r}; use 'digits', 'shapes', 'tfds:NAME' or 'folder:/path'")
   for f in ('data.image_size', 'model.ch', 'model.num_res_blocks', 'diffusion.num_timesteps',
             'training.batch_size', 'training.num_steps', 'training.log_every',
             'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_dispatch',
@@ -470,7 +473,34 @@ def validate(config, *, num_devices=1, process_count=1):
   _check(_is_int(s.class_label) and -1 <= s.class_label < max(m.num_classes, 1),
          'sampling.class_label', f'{s.class_label!r} is not -1 (all) or a class in '
          f'[0, {m.num_classes})')
+  _check_text(config)
   _check_sampling_inputs(config)
+
+
+def _check_text(config):
+  """A text model's data, encoder and prompts; prompts on a model without text."""
+  d, m, s = config.data, config.model, config.sampling
+  text = m.get('context_dim', 0) > 0
+  for f in ('sampling.prompt', 'sampling.prompts_file', 'sampling.negative_prompt',
+            'eval.clip_weights', 'text.encoder', 'data.caption_key'):
+    _check(isinstance(_get(config, f), str), f, f'must be a string, got {_get(config, f)!r}')
+  if not text:
+    for f in ('sampling.prompt', 'sampling.prompts_file', 'sampling.negative_prompt'):
+      _check(not _get(config, f), f, 'needs a text-conditional model (model.context_dim > 0)')
+    return
+  _check(d.dataset != 'digits', 'data.dataset',
+         "a text model (model.context_dim > 0) needs captioned data; 'digits' has none: use "
+         "'shapes', a tfds dataset with a text feature or a folder with .txt captions")
+  _check(not d.dataset.startswith('tfds:') or d.caption_key != '', 'data.caption_key',
+         "a text model on a tfds dataset needs its text feature, e.g. 'captions/text'")
+  _check(config.text.encoder != '', 'text.encoder', "name an encoder: 'minilm' or a CLIP folder")
+  _check(not (s.prompt and s.prompts_file), 'sampling.prompt',
+         'set sampling.prompt or sampling.prompts_file, not both')
+  _check(not s.prompts_file or os.path.isfile(os.path.expanduser(s.prompts_file)),
+         'sampling.prompts_file', f'{s.prompts_file!r} is not a file')
+  _check(config.eval.bpd_num_examples == 0, 'eval.bpd_num_examples',
+         'bits/dim is not implemented for text models; set it to 0')
+  _positive_int(config, 'text.batch_size')
 
 
 def to_dict(config):

@@ -7,6 +7,11 @@ hooks that run periodic work during training.
   training_hooks     the periodic work config.training declares (sample grids, in-loop FID),
                      built here and handed to the trainer, which never names them
 
+Text models are sampled from the split's captions in order (one per example, the first) and,
+with config.eval.clip_weights set to a CLIP folder, also get the CLIP score of each sample
+against its caption (torchmetrics' definition, evaluation/clip.py); without it the record says
+that the CLIP score was not computed and why.
+
 The Inception Score needs the classifier head, which the standard FID weights (pool3 only) do
 not carry; it is reported only when config.eval.inception_weights points at weights with logits.
 """
@@ -19,7 +24,7 @@ from absl import logging
 import jax
 import numpy as np
 
-import conditioning
+import captions
 import data as data_lib
 import experiment
 import latent_space
@@ -115,11 +120,42 @@ def bits_per_dim(config, model, schedule, params, num_examples, seed=0, stop=Non
   return float(np.concatenate(values)[:num_examples].mean())
 
 
-def eval_samples(config, model, schedule, params, n, stop=None, latent=None):
-  """n uint8 samples; an upsampler is conditioned on the low-res images of the first n examples."""
+def eval_prompts(config, n):
+  """A text model's n evaluation prompts: the split's captions in order; None otherwise."""
+  return captions.dataset_prompts(config, n) if sample_lib.is_text_model(config) else None
+
+
+def eval_samples(config, model, schedule, params, n, stop=None, latent=None, prompts=None):
+  """n uint8 samples; an upsampler is conditioned on the low-res images of the first n examples,
+  a text model on `prompts` (default `eval_prompts`)."""
   cond = sample_lib.dataset_condition(config, n) if config.model.cond_channels > 0 else None
+  if prompts is None:
+    prompts = eval_prompts(config, n)
   return sample_lib.sample_images(config, model, schedule, params, n, seed=config.sampling.seed,
-                                  cond=cond, stop=stop, what='eval samples', latent=latent)
+                                  cond=cond, stop=stop, what='eval samples', latent=latent,
+                                  prompts=prompts)
+
+
+CLIP_MISSING = ('not computed: set config.eval.clip_weights to a CLIP folder (Hugging Face '
+                'CLIPModel layout, e.g. openai/clip-vit-large-patch14)')
+
+
+def clip_score(config, images_uint8, prompts, stop=None):
+  """torchmetrics' CLIP score of the samples against their prompts, with eval.clip_weights."""
+  from evaluation import clip  # pylint: disable=g-import-not-at-top
+  model, params = clip.load(config.eval.clip_weights)
+  tok = clip.tokenizer(config.eval.clip_weights)
+  images = np.asarray(images_uint8)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  bs = config.eval.batch_size
+  tracker = progress.Progress('CLIP embeddings of the samples', len(images), stop=stop)
+  img, txt = [], []
+  for i in range(0, len(images), bs):
+    img.append(np.asarray(clip.image_embeds(model, params, images[i:i + bs])))
+    txt.append(np.asarray(clip.text_embeds(model, params, clip.tokenize(tok, prompts[i:i + bs]))))
+    tracker.update(len(images[i:i + bs]))
+  return clip.clip_score(np.concatenate(img), np.concatenate(txt))
 
 
 def _append_record(workdir, record):
@@ -137,18 +173,26 @@ def run_eval_mode(config, workdir, stop=None):
   module, inception_params = fid_lib.load_inception(ev.inception_weights)
   ref = reference_stats(config, params=inception_params, stop=stop)
   t0 = time.time()
-  images = eval_samples(config, model, schedule, params, ev.num_samples, stop=stop)
+  prompts = eval_prompts(config, ev.num_samples)
+  images = eval_samples(config, model, schedule, params, ev.num_samples, stop=stop,
+                        prompts=prompts)
   gen_s = time.time() - t0
   # Every process embeds its share of the samples; the metrics are computed from all of them.
   result = fid_kid(images, ref, inception_params, batch_size=ev.batch_size,
                    with_logits=module.num_classes > 0, stop=stop)
+  if prompts is not None:
+    if ev.clip_weights:
+      result['clip_score'] = clip_score(config, images, prompts, stop=stop)
+    else:
+      result['clip_score'] = CLIP_MISSING
+      logging.warning('CLIP score %s', CLIP_MISSING)
   if ev.bpd_num_examples > 0:
     result['bits_per_dim'] = bits_per_dim(config, model, schedule, params, ev.bpd_num_examples,
                                           stop=stop)
   record = {'mode': 'eval', 'step': step, 'sampler': s.sampler, 'num_steps': s.num_steps,
             'spacing': s.spacing, 'eta': s.eta, 'seed': s.seed, 'generate_seconds': gen_s,
             **result}
-  if conditioning.build(config).guided:
+  if config.model.num_classes > 0 or prompts is not None:
     record['guidance_scale'] = s.guidance_scale
   _append_record(workdir, record)
   if jax.process_index() == 0:

@@ -62,6 +62,56 @@ def make_comparison(columns, ncol=None, gap=12, min_tile=64):
   return np.concatenate(parts, axis=1)
 
 
+def _wrap(text, width_chars, max_lines):
+  """Greedy word wrap to lines of <= width_chars, at most max_lines (the last one cut with ..)."""
+  lines, line = [], ''
+  for word in text.split():
+    candidate = f'{line} {word}'.strip()
+    if len(candidate) <= width_chars or not line:
+      line = candidate
+    else:
+      lines.append(line)
+      line = word
+  lines.append(line)
+  if len(lines) > max_lines:
+    lines = lines[:max_lines]
+    lines[-1] = lines[-1][:max(0, width_chars - 2)] + '..'
+  return [l[:width_chars] for l in lines]
+
+
+def make_captioned_grid(images, captions, ncol=None, pad=4, min_tile=96, lines=3):
+  """Each image with its caption (prompt) printed under it: uint8 [H, W, 3].
+
+  Args:
+    images: uint8 [N, H, W, C], C = 1 or 3.
+    captions: N strings (wrapped to the tile's width, at most `lines` lines).
+  """
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images)
+  if len(captions) != len(images):
+    raise ValueError(f'{len(captions)} captions for {len(images)} images')
+  n, h, w, c = images.shape
+  scale = max(1, math.ceil(min_tile / max(h, w)))
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  if c == 1:
+    images = np.repeat(images, 3, axis=-1)
+  h, w = h * scale, w * scale
+  ncol = ncol or math.ceil(math.sqrt(n))
+  nrow = math.ceil(n / ncol)
+  line_h, char_w = 11, 6  # PIL's built-in bitmap font
+  text_h = lines * line_h + 2
+  cell_w, cell_h = w + pad, h + text_h + pad
+  canvas = Image.new('RGB', (ncol * cell_w + pad, nrow * cell_h + pad), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  for i in range(n):
+    r, q = divmod(i, ncol)
+    x0, y0 = pad + q * cell_w, pad + r * cell_h
+    canvas.paste(Image.fromarray(images[i]), (x0, y0))
+    for k, line in enumerate(_wrap(str(captions[i]), max(4, w // char_w), lines)):
+      draw.text((x0, y0 + h + 1 + k * line_h), line, fill=(0, 0, 0))
+  return np.asarray(canvas)
+
+
 def save_png(path, image):
   """Writes uint8 [H, W, C] (C = 1 or 3) as a PNG, creating the folder; returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -75,6 +125,10 @@ def write_grid(path, images, **kwargs):
 
 def write_comparison(path, columns, **kwargs):
   return save_png(path, make_comparison(columns, **kwargs))
+
+
+def write_captioned_grid(path, images, captions, **kwargs):
+  return save_png(path, make_captioned_grid(images, captions, **kwargs))
 
 
 # ----------------------------------------------------------------------------- input images

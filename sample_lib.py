@@ -14,6 +14,9 @@ runs inside it, so a sampler and step count compile once.
                        forward-noised version after every step and kept exactly in the output;
                        resample > 1 adds RePaint's resampling
   super-resolution     image-conditional models: cond_image, or the dataset's low_res images
+  text-to-image        text models: prompt, or prompts_file (one per line), or the dataset's
+                       captions; guidance_scale, negative_prompt; the grid prints each prompt
+                       under its image and the .npz keeps them ('prompts')
   cascade              cascade_base_workdir (+ cascade_base_config): the base model samples, its
                        samples downsampled to data.low_res_size condition this upsampler
 Each writes samples/NAME.png (the outputs), samples/NAME.npz (uint8 outputs and inputs) and, where
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import captions
 import conditioning
 import config_lib
 import experiment
@@ -66,18 +70,21 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
   'img2img' starts from `images` noised to `strength` (SDEdit); 'inpaint' starts from noise and
   keeps `images` where mask = 1 (RePaint resampling when resample > 1). The batch is sharded on
   'data'; batch_size is static. `conds` is the model's condition dict (conditioning.py); with
-  guidance_scale != 1 its guided conditions are guided.
+  guidance_scale != 1 its guided conditions are guided, against `null_conds` when given (a
+  negative prompt) or their null values.
   """
   if task not in TASKS:
     raise ValueError(f'task must be one of {TASKS}, got {task!r}')
   shape = tuple(models.input_shape(config))
   rows = sharding.batch_sharding(mesh)
 
-  def generate_batch(params, ae_params, rng, conds, batch_size, images=None, mask=None):
+  def generate_batch(params, ae_params, rng, conds, batch_size, images=None, mask=None,
+                     null_conds=None):
     init_rng, loop_rng = jax.random.split(rng)
     apply = lambda x, t, **c: models.prediction(
         config, model.apply({'params': params}, x, t, train=False, **c))
-    model_fn = conditioning.guided_model_fn(apply, conditioner, conds, guidance_scale)
+    model_fn = conditioning.guided_model_fn(apply, conditioner, conds, guidance_scale,
+                                            null_conds)
     extra = {}
     if task == 'img2img':
       x_init = images
@@ -141,9 +148,36 @@ def default_conds(config, n, *, cond=None, labels=None):
   return out
 
 
+def text_conditions(config, n, prompts=None):
+  """A text model's conditions for n samples: (prompts, conds, conditioner, null_conds).
+
+  prompts default to captions.sampling_prompts (sampling.prompt / prompts_file / the dataset's
+  captions); conds holds their token states; null_conds is the negative prompt's
+  (config.sampling.negative_prompt) or None for the empty prompt's.
+  """
+  encoder = captions.load_encoder(config)
+  prompts = list(prompts) if prompts is not None else captions.sampling_prompts(config, n)
+  if len(prompts) != n:
+    raise ValueError(f'{len(prompts)} prompts for {n} samples')
+  conds = default_conds(config, n)
+  conds.update(captions.conds(config, encoder, prompts))
+  conditioner = experiment.conditioner(config, captions.null(config, encoder))
+  null_conds = None
+  negative = config.sampling.negative_prompt
+  if negative:
+    null_conds = conditioner.null(conds)  # labels etc. at their null values
+    null_conds.update(captions.conds(config, encoder, [negative] * n))
+  return prompts, conds, conditioner, null_conds
+
+
+def is_text_model(config):
+  return config.model.get('context_dim', 0) > 0
+
+
 def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=None, cond=None,
                   labels=None, conds=None, conditioner=None, init_images=None, mask=None,
-                  stop=None, what='sampling', latent=None, **overrides):
+                  stop=None, what='sampling', latent=None, prompts=None, null_conds=None,
+                  **overrides):
   """Generates `num_samples` uint8 images [N, H, W, C] (identical on every process).
 
   Batches of config.sampling.batch_size are sharded over the mesh; batch i uses the key
@@ -161,6 +195,10 @@ def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=No
     conds: the whole condition dict {model keyword: host array [N, ...]} (instead of cond and
       labels), e.g. text states.
     conditioner: the model's Conditioner (default: from the config).
+    prompts: text models: N prompts (default: `text_conditions`'s), encoded here unless conds
+      is given.
+    null_conds: the unconditional side of guidance (default: the null conditions), e.g. a
+      negative prompt's states.
     init_images: float32 [M, H, W, C] in [-1, 1], cycled to N rows: img2img (SDEdit) at
       config.sampling.strength, or with `mask` the known image of inpainting.
     mask: float32 [M', H, W, 1 or C], 1 = known, cycled to N rows: inpainting.
@@ -174,6 +212,10 @@ def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=No
     uint8 [N, H, W, C].
   """
   mesh = mesh or sharding.make_mesh()
+  if is_text_model(config) and conds is None:
+    _, conds, text_conditioner, text_null = text_conditions(config, num_samples, prompts)
+    conditioner = conditioner or text_conditioner
+    null_conds = text_null if null_conds is None else null_conds
   conditioner = conditioner or experiment.conditioner(config)
   opts = sampler_options(config, **overrides)
   size, ch = config.data.image_size, config.data.num_channels
@@ -214,7 +256,9 @@ def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=No
     images = (None if init_images is None else
               sharding.from_global_rows(mesh, _batch_rows(init_images, i, bs)))
     m = None if mask is None else sharding.from_global_rows(mesh, _batch_rows(mask, i, bs))
-    x = gen(params, jax.random.fold_in(rng, i), batch_conds, bs, images, m)
+    batch_null = None if null_conds is None else {
+        k: sharding.from_global_rows(mesh, _batch_rows(v, i, bs)) for k, v in null_conds.items()}
+    x = gen(params, jax.random.fold_in(rng, i), batch_conds, bs, images, m, batch_null)
     out.append(preprocess.to_uint8(sharding.to_host(x)))
     tracker.update(min(bs, num_samples - i * bs))
   return np.concatenate(out)[:num_samples]
@@ -300,15 +344,28 @@ class GridHook:
     self._schedule = experiment.schedule(config)
     # Loaded once, not at every grid (or given by training_hooks, shared with the FID hook).
     self._latent = latent if latent is not None else latent_space.load(config)
+    self._prompt_list = None
+
+  def _prompts(self):
+    """A text model's grid prompts (the same at every step), None otherwise."""
+    if not is_text_model(self.config):
+      return None
+    if self._prompt_list is None:
+      self._prompt_list = captions.sampling_prompts(self.config,
+                                                    self.config.training.num_grid_samples)
+    return self._prompt_list
 
   def __call__(self, step, ema_params, stop=None):
     config = self.config
     n = config.training.num_grid_samples
     cond = dataset_condition(config, n) if config.model.cond_channels > 0 else None
+    prompts = self._prompts()
     images = sample_images(config, self._model, self._schedule, ema_params, n,
                            seed=config.sampling.seed, cond=cond, stop=stop,
-                           what=f'sample grid at step {step}', latent=self._latent)
-    grid = image_io.make_grid(images)
+                           what=f'sample grid at step {step}', latent=self._latent,
+                           prompts=prompts)
+    grid = (image_io.make_grid(images) if prompts is None else
+            image_io.make_captioned_grid(images, prompts))
     name = os.path.join('samples', f'train_step_{step:07d}.png')
     if jax.process_index() == 0:
       path = image_io.save_png(os.path.join(self.workdir, name), grid)
@@ -330,11 +387,36 @@ def output_name(config, step):
     name += '_noclip'
   if s.use_clipped_model_output:
     name += '_clippedeps'
-  if config.model.num_classes > 0:
+  if config.model.num_classes > 0 or is_text_model(config):
     name += f'_w{s.guidance_scale:g}'
-    if s.class_label >= 0:
-      name += f'_class{s.class_label}'
+  if config.model.num_classes > 0 and s.class_label >= 0:
+    name += f'_class{s.class_label}'
+  if is_text_model(config):
+    name += _prompt_tag(s)
   return name
+
+
+def _slug(text, limit=40):
+  """File-name-safe form of a prompt: words joined by '-', at most `limit` characters."""
+  words = ''.join(c.lower() if c.isalnum() else ' ' for c in text).split()
+  return '-'.join(words)[:limit] or 'empty'
+
+
+def _prompt_tag(s):
+  """The prompts' part of an output name: the prompt itself, or the prompts file's name, with a
+  short hash so that two prompts sharing their first words do not share a file."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  if s.prompt:
+    text, tag = s.prompt, '_' + _slug(s.prompt)
+  elif s.prompts_file:
+    text = s.prompts_file
+    tag = '_' + _slug(os.path.splitext(os.path.basename(s.prompts_file))[0])
+  else:
+    return '_captions' + (f'_neg-{_slug(s.negative_prompt, 20)}' if s.negative_prompt else '')
+  if s.negative_prompt:
+    text += '\0' + s.negative_prompt
+    tag += f'_neg-{_slug(s.negative_prompt, 20)}'
+  return tag + '_' + hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def run_sample_mode(config, workdir, stop=None):
@@ -393,6 +475,11 @@ def run_sample_mode(config, workdir, stop=None):
         name += '_inpaint' + (f'_resample{s.resample}' if s.resample > 1 else '')
       else:
         name += f'_img2img_strength{s.strength:g}'
+    if is_text_model(config):
+      kwargs['prompts'] = captions.sampling_prompts(config, n)
+      arrays['prompts'] = np.asarray(kwargs['prompts'])
+      if s.negative_prompt:
+        arrays['negative_prompt'] = np.asarray(s.negative_prompt)
     images = sample_images(config, model, experiment.schedule(config), params, n, seed=s.seed,
                            stop=stop, **kwargs)
 
@@ -400,7 +487,11 @@ def run_sample_mode(config, workdir, stop=None):
     arrays['labels'] = conditioning.sampling_labels(config, n)
   out_dir = os.path.join(workdir, 'samples')
   if jax.process_index() == 0:
-    png = image_io.write_grid(os.path.join(out_dir, name + '.png'), images)
+    if 'prompts' in arrays:  # each image with its prompt under it
+      png = image_io.write_captioned_grid(os.path.join(out_dir, name + '.png'), images,
+                                          list(arrays['prompts']))
+    else:
+      png = image_io.write_grid(os.path.join(out_dir, name + '.png'), images)
     npz = os.path.join(out_dir, name + '.npz')
     np.savez_compressed(npz, images=images, **arrays)
     logging.info('wrote %s and %s (%d images)', png, npz, len(images))

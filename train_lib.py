@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+import captions
 import checkpoints
 import config_lib
 import data as data_lib
@@ -120,7 +121,8 @@ def create_state(config, model, tx, mesh):
 
 def make_train_step(config, model, schedule, tx, conditioner=None):
   """Returns the pure train_step(state, batch) -> (state, metrics)."""
-  prediction = config.diffusion.prediction
+  d = config.diffusion
+  prediction = d.prediction
   cond_dropout = config.training.cond_dropout
   conditioner = conditioner or experiment.conditioner(config)
 
@@ -359,9 +361,13 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
     schedule = experiment.schedule(config)
     tx = make_optimizer(config)
     try:
-      ds = data_lib.get_dataset(config)
+      # A text model's caption states are encoded once, before the loop (captions.py).
+      text_cache = (captions.build_cache(config, workdir)
+                    if config.model.get('context_dim', 0) > 0 else None)
+      ds = data_lib.get_dataset(config, captions=text_cache)
     except ValueError as e:
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
+    conditioner = experiment.conditioner(config, text_cache.null if text_cache else None)
 
     target = abstract_state(config, model, tx, mesh)
     restored = checkpoints.restore_train_state(mngr, target)
@@ -389,7 +395,7 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
     if latent is None:
       latent = latent_space.load(config)
     return _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop,
-                 stop_after, list(hooks), pending, latent)
+                 stop_after, list(hooks), pending, latent, conditioner)
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -409,11 +415,11 @@ def _latent_encoder(config, latent, mesh):
 
 
 def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after,
-          hooks, pending, latent=None):
+          hooks, pending, latent=None, conditioner=None):
   """The training loop of `train`, from `state` at `step`; returns the last state."""
   tc = config.training
   k = tc.steps_per_dispatch
-  step_fn, rows = compile_train_step(config, model, schedule, tx, mesh)
+  step_fn, rows = compile_train_step(config, model, schedule, tx, mesh, conditioner)
   to_latent = _latent_encoder(config, latent, mesh)
   lr_at = learning_rate(config)
   writer = MetricWriter(workdir)

@@ -32,7 +32,12 @@ def bench_train_step(config, batch, repeats, warmup=2, steps_per_call=1):
   schedule = experiment.schedule(config)
   tx = train_lib.make_optimizer(config)
   state = train_lib.create_state(config, model, tx, mesh)
-  step_fn, rows = train_lib.compile_train_step(config, model, schedule, tx, mesh)
+  length, dim = config.model.context_len, config.model.get('context_dim', 0)
+  # A text model's step reads cached token states: random ones of the right shape (and a zero
+  # null prompt) time the same program; the encoder is not part of the step.
+  text_null = (np.zeros((length, dim), np.float32), np.ones((length,), bool)) if dim else None
+  conditioner = experiment.conditioner(config, text_null)
+  step_fn, rows = train_lib.compile_train_step(config, model, schedule, tx, mesh, conditioner)
   rng = np.random.default_rng(0)
   # What the model denoises: pixels, or a latent config's latents (the encoder is not timed).
   shape = tuple(models.input_shape(config))
@@ -43,6 +48,9 @@ def bench_train_step(config, batch, repeats, warmup=2, steps_per_call=1):
   if config.model.cond_channels:
     r = config.data.low_res_size
     local['low_res'] = rng.uniform(-1, 1, lead + (r, r, c)).astype(np.float32)
+  if dim:
+    local['context'] = rng.standard_normal(lead + (length, dim)).astype(np.float32)
+    local['context_mask'] = np.arange(length) < rng.integers(2, length + 1, lead + (1,))
   b = sharding.from_process_rows(local, rows)
 
   t0 = time.perf_counter()

@@ -30,6 +30,19 @@ def get_config():
   data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None = tfds default (~/tensorflow_datasets)
   data.num_workers = 0  # grain worker processes (0 = read in the main process)
   data.low_res_size = 0  # >0: also yield 'low_res' images of this size (super-resolution conditioning)
+  # text models (model.context_dim > 0) only: where an example's caption(s) are. tfds: the text
+  # feature, '/' for nesting (coco_captions: 'captions/text'; a list of captions: one is picked per
+  # example and step). folder: any value; each image's caption is the same-named .txt beside it.
+  # 'shapes' (the embedded captioned data): its 'caption'.
+  data.caption_key = 'caption'
+
+  # ---------------------------------------------------------------- text conditioning
+  # The frozen text encoder of a text model (captions.py); its token states for the dataset's
+  # captions are computed once and cached, so the encoder never runs in the train step.
+  config.text = text = ml_collections.ConfigDict()
+  text.encoder = 'minilm'  # 'minilm' (all-MiniLM-L6-v2, bundled) or a Hugging Face CLIP text folder
+  text.cache_dir = ''  # where the cached states go; '' = WORKDIR/text_cache
+  text.batch_size = 256  # prompts per encoder call while caching
 
   # ---------------------------------------------------------------- latent diffusion
   # A frozen autoencoder between pixels and the model (latent_space.py): the model then sees
@@ -194,6 +207,13 @@ def get_config():
   sampling.use_ema = True  # sample with EMA params (else the raw params)
   sampling.guidance_scale = 1.0  # classifier-free guidance w: 0 = unconditional, 1 = plain conditional
   sampling.class_label = -1  # class to generate (-1 = cycle through all classes)
+  # text models: the prompt of every sample; or a file of prompts, one per line, cycled over
+  # the samples; both '' = the dataset's captions in order
+  sampling.prompt = ''
+  sampling.prompts_file = ''
+  # text models with guidance_scale != 1: the prompt the guidance pushes away from ('' = the
+  # empty prompt, i.e. plain classifier-free guidance)
+  sampling.negative_prompt = ''
   sampling.init_image = ''  # img2img/inpainting input: PNG/JPEG path or .npz of images ('' = none)
   sampling.mask = ''  # inpainting mask image or .npz, white (>= 128) = known pixels kept ('' = none)
   sampling.strength = 0.8  # img2img (SDEdit): run the last int(strength*num_steps) steps; 0 = input
@@ -209,5 +229,8 @@ def get_config():
   ev.inception_weights = ''  # converted Inception .npz ('' = default cache path)
   ev.reference_stats = ''  # dataset statistics .npz ('' = default cache path for the dataset)
   ev.bpd_num_examples = 0  # >0: also report DDPM's bound in bits/dim on this many examples
+  # text models: CLIP score (evaluation/clip.py) of the samples against their prompts, with the
+  # CLIP model in this folder (Hugging Face CLIPModel layout); '' = not computed
+  ev.clip_weights = ''
 
   return config

@@ -38,6 +38,8 @@ class DataIterator:
     'image'   float32 [b, H, W, C] in [-1, 1]  (uint8 [b, H, W, C] for uint8=True)
     'label'   int32 [b]
     'low_res' float32 [b, s, s, C] in [-1, 1], only when config.data.low_res_size > 0.
+    'caption_id' int32 [b], 'context' float32 [b, L, D], 'context_mask' bool [b, L]: with a
+      caption cache (text models), one caption of the example and its cached token states.
   """
 
   def __init__(self, dataset, meta):
@@ -82,8 +84,28 @@ class DataIterator:
       close()
 
 
+class _Captioned:
+  """A source whose examples also carry their caption ids ('caption_ids', int32 [k])."""
+
+  def __init__(self, source, captions):
+    if len(captions) != len(source):
+      raise ValueError(f'the caption cache holds {len(captions)} examples, the source '
+                       f'{len(source)}')
+    self._source, self._captions = source, captions
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    example = self._source[index]
+    if example is not None:
+      example = dict(example, caption_ids=self._captions.example_ids(index))
+    return example
+
+
 def _element_fn(config, *, low_res_size, flip):
-  """The per-example function: source dict -> uint8 'image' (+ 'low_res'), int32 'label'."""
+  """The per-example function: source dict -> uint8 'image' (+ 'low_res'), int32 'label'
+  (+ int32 'caption_id', one of the example's captions, picked with the element's rng)."""
   d = config.data
 
   def fn(example, rng=None):
@@ -96,24 +118,30 @@ def _element_fn(config, *, low_res_size, flip):
     out = {'image': image, 'label': np.int32(example['label'])}
     if low_res_size > 0:
       out['low_res'] = preprocess.downsample(image, low_res_size)
+    if 'caption_ids' in example:
+      ids = example['caption_ids']
+      # grain seeds rng from the element's position: the pick is a function of the step.
+      out['caption_id'] = np.int32(ids[rng.integers(len(ids))] if len(ids) > 1 else ids[0])
     return out
 
   return fn
 
 
-def _batch_fn(uint8):
+def _batch_fn(uint8, captions=None):
   def fn(batch):
     if not uint8:
       batch['image'] = preprocess.to_float(batch['image'])
     if 'low_res' in batch:
       batch['low_res'] = preprocess.to_float(batch['low_res'])
+    if captions is not None:
+      batch.update(captions.rows(batch['caption_id']))
     return batch
   return fn
 
 
 def get_dataset(config, *, split=None, batch_size=None, process_index=None, process_count=None,
                 shuffle=True, repeat=True, drop_remainder=True, seed=None, uint8=False,
-                augment=None, num_threads=None):
+                augment=None, num_threads=None, captions=None):
   """The input iterator of one process.
 
   Args:
@@ -131,6 +159,8 @@ def get_dataset(config, *, split=None, batch_size=None, process_index=None, proc
       with shuffle=False, repeat=False, drop_remainder=False to see every example once.
     augment: random horizontal flips when config.data.random_flip; default `not uint8`.
     num_threads: grain reader threads in each process; default 2 per core (up to 16).
+    captions: a captions.CaptionCache of this split (text models): batches then carry each
+      example's caption id and its cached token states.
 
   Returns:
     A DataIterator (next() -> dict of numpy arrays; get_state() / set_state()).
@@ -165,6 +195,8 @@ def get_dataset(config, *, split=None, batch_size=None, process_index=None, proc
   split = d.split if split is None else split
 
   source = sources.make_source(config, split)
+  if captions is not None:
+    source = _Captioned(source, captions)
   if len(source) < process_count:
     raise ValueError(f'{d.dataset} split {split!r} has {len(source)} examples, fewer than the '
                      f'{process_count} processes reading it')
@@ -176,7 +208,9 @@ def get_dataset(config, *, split=None, batch_size=None, process_index=None, proc
   if repeat:
     ds = ds.repeat(None)
   fn = _element_fn(config, low_res_size=d.low_res_size, flip=flip)
-  ds = ds.random_map(fn, seed=flip_seed) if flip else ds.map(fn)
+  # The caption pick needs an rng too; flips draw first, so adding captions keeps the flips.
+  rng_map = flip or (captions is not None and captions.multiple)
+  ds = ds.random_map(fn, seed=flip_seed) if rng_map else ds.map(fn)
   if num_threads is None:
     num_threads = min(16, 2 * (os.cpu_count() or 1))
   # Nones (unreadable files) are dropped here; the batch then takes the next examples.
@@ -185,7 +219,7 @@ def get_dataset(config, *, split=None, batch_size=None, process_index=None, proc
   it = it.batch(batch_size, drop_remainder=drop_remainder)
   if d.num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-  it = it.map(_batch_fn(uint8))
+  it = it.map(_batch_fn(uint8, captions))
 
   meta = {'dataset': str(d.dataset), 'split': split, 'batch_size': batch_size,
           'process_count': process_count, 'seed': int(seed), 'shuffle': bool(shuffle),

@@ -8,6 +8,8 @@ Sources are cheap to pickle (grain worker processes receive copies).
 Accepted config.data.dataset forms:
   'digits'         scikit-learn's load_digits: 1,797 real 8x8 grayscale handwritten digits
                    that ship inside the package (labels 0..9); splits 'train' or 'train[a:b]'.
+  'shapes'         the embedded captioned data (data/shapes.py): colored shapes at positions,
+                   32x32 RGB, generated from fixed seeds; splits 'train', 'test' and slices.
   'tfds:NAME'      a TensorFlow Datasets dataset prepared in array_record format
                    (`python main.py --config CONFIG --mode prepare`), read with
                    tfds.data_source, without TensorFlow. Any tfds split string works.
@@ -23,7 +25,7 @@ import re
 from absl import logging
 import numpy as np
 
-ACCEPTED_FORMS = ("'digits', 'tfds:NAME' (e.g. 'tfds:cifar10', 'tfds:celeb_a'), "
+ACCEPTED_FORMS = ("'digits', 'shapes', 'tfds:NAME' (e.g. 'tfds:cifar10', 'tfds:celeb_a'), "
                   "'folder:/path/to/images'")
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 PREPARE_COMMAND = 'python main.py --config CONFIG --mode prepare'
@@ -36,14 +38,14 @@ def parse_spec(spec):
     spec: 'digits', 'tfds:NAME' or 'folder:PATH'.
 
   Returns:
-    ('digits', ''), ('tfds', NAME) or ('folder', PATH).
+    ('digits', ''), ('shapes', ''), ('tfds', NAME) or ('folder', PATH).
 
   Raises:
     ValueError: any other string, with the accepted forms.
   """
   spec = str(spec)
-  if spec == 'digits':
-    return 'digits', ''
+  if spec in ('digits', 'shapes'):
+    return spec, ''
   kind, sep, arg = spec.partition(':')
   if sep and kind in ('tfds', 'folder') and arg:
     return kind, arg
@@ -237,10 +239,85 @@ def make_source(config, split=None):
   kind, arg = parse_spec(d.dataset)
   if kind == 'digits':
     return digits_source(split)
+  if kind == 'shapes':
+    from data import shapes  # pylint: disable=g-import-not-at-top
+    return shapes.ShapesSource(split)
   if kind == 'folder':
     return folder_source(arg, split)
   return tfds_source(arg, split, data_dir=d.data_dir, image_key=d.image_key,
                      label_key=d.label_key, num_classes=d.num_classes)
+
+
+def _as_texts(value):
+  """A caption feature's value (bytes, str, or an array / list of them) -> tuple of str."""
+  if isinstance(value, (bytes, str)):
+    value = [value]
+  return tuple(v.decode('utf-8') if isinstance(v, bytes) else str(v)
+               for v in np.asarray(value, object).reshape(-1))
+
+
+def caption_path(image_path):
+  """The caption file of an image in a folder dataset: the same name with .txt."""
+  return os.path.splitext(image_path)[0] + '.txt'
+
+
+def captions_of(config, split=None, limit=None):
+  """Every example's captions, in source order: a list of tuples of str (>= 1 each); with
+  `limit`, those of the first `limit` examples only.
+
+  Read without decoding the images. tfds: config.data.caption_key names the text feature, '/'
+  for a nested one (coco_captions: 'captions/text', five per image). folder: each image's
+  same-named .txt file (`caption_path`), stripped of surrounding whitespace. shapes: its
+  generated captions.
+
+  Raises:
+    ValueError: digits (no captions), a missing caption feature (lists the features) or, for a
+      folder, images without a caption file (names the first and the count).
+  """
+  d = config.data
+  split = d.split if split is None else split
+  kind, arg = parse_spec(d.dataset)
+  if kind == 'digits':
+    raise ValueError("config.data.dataset='digits' has no captions; a text model "
+                     "(model.context_dim > 0) needs captioned data: 'shapes', a tfds dataset "
+                     'with a text feature (data.caption_key) or a folder with .txt captions')
+  if kind == 'shapes':
+    source = make_source(config, split)
+    return [(source[i]['caption'],) for i in range(min(len(source), limit or len(source)))]
+  if kind == 'folder':
+    source = make_source(config, split)
+    files = [os.path.join(source.root, caption_path(p)) for p in source.paths[:limit]]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise ValueError(f'config.data.dataset=folder:{source.root}: {len(missing)} of '
+                       f'{len(files)} images have no caption file, e.g. {missing[0]}; write '
+                       'one .txt beside each image (same name) or move the image away')
+    out = []
+    for f in files:
+      with open(f, encoding='utf-8') as fh:
+        out.append((fh.read().strip(),))
+    return out
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
+  make_source(config, split)  # the not-prepared / unknown-dataset errors, worded once
+  top, _, rest = d.caption_key.partition('/')
+  ds = tfds.data_source(arg, split=split, data_dir=data_dir, download=False,
+                        decoders={d.image_key: tfds.decode.SkipDecoding()})
+  features = ds.dataset_info.features
+  if top not in features:
+    raise ValueError(f'config.data.caption_key={d.caption_key!r} is not a feature of '
+                     f'tfds:{arg}; its features are {sorted(features.keys())}')
+  out = []
+  for i in range(min(len(ds), limit or len(ds))):
+    value = ds[i][top]
+    for part in rest.split('/') if rest else ():
+      if not isinstance(value, dict) or part not in value:
+        raise ValueError(f'config.data.caption_key={d.caption_key!r}: tfds:{arg} has no '
+                         f'{part!r} inside {top!r}')
+      value = value[part]
+    texts = _as_texts(value)
+    out.append(texts if texts else ('',))
+  return out
 
 
 def num_examples(config, split=None):

@@ -7,7 +7,7 @@ Layers, top to bottom (a module may import its own layer or any lower one):
   2  eval_lib
   3  sample_lib
   4  the shared modules: experiment, conditioning, checkpoints, sharding, image_io, progress,
-     latent_space,
+     latent_space, captions,
      config_lib, configs/
   5  diffusion/, models/, data/, evaluation/
 and within the bottom layer diffusion/ imports none of models/, data/, evaluation/, and models/
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = {'tests', 'bench', '.venv', '.git', '.ci', 'runs'}
 LAYERS = {'main': 0, 'train_lib': 1, 'eval_lib': 2, 'sample_lib': 3}
 SHARED = ('experiment', 'conditioning', 'checkpoints', 'sharding', 'image_io', 'progress',
-          'latent_space',
+          'latent_space', 'captions',
           'config_lib', 'configs')
 BOTTOM = ('diffusion', 'models', 'data', 'evaluation')
 FORBIDDEN = {'diffusion': ('models', 'data', 'evaluation'), 'models': ('diffusion',)}
