@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from data.sources import _split_range
+from data.splits import split_range
 
 # Saturated, far apart in RGB: easy to tell apart for people and for the judge.
 COLORS = {
@@ -265,7 +265,7 @@ def split_bounds(split):
                      f"{list(SPLITS)} or a slice of one such as 'train[:100]', 'test[50%:]'")
   n, seed = SPLITS[m.group(1)]
   try:
-    start, stop = _split_range('train' + (m.group(2) or ''), n, 'dataset shapes')
+    start, stop = split_range('train' + (m.group(2) or ''), n, 'dataset shapes')
   except ValueError as e:
     raise ValueError(f'dataset shapes: config.data.split={split!r} has a malformed slice; '
                      "write e.g. 'train[:100]', 'test[50%:]', 'train[-500:]'") from e

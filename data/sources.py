@@ -20,10 +20,11 @@ Accepted config.data.dataset forms:
 import dataclasses
 import importlib.util
 import os
-import re
 
 from absl import logging
 import numpy as np
+
+from data.splits import split_range
 
 ACCEPTED_FORMS = ("'digits', 'shapes', 'tfds:NAME' (e.g. 'tfds:cifar10', 'tfds:celeb_a'), "
                   "'folder:/path/to/images'")
@@ -52,22 +53,6 @@ def parse_spec(spec):
   raise ValueError(f'unknown config.data.dataset={spec!r}; accepted forms: {ACCEPTED_FORMS}')
 
 
-def _split_range(split, n, what):
-  """[start, stop) of `split` ('train', 'train[a:b]', a and b ints or percents) over n items."""
-  m = re.fullmatch(r'train(?:\[(-?\d+%?)?:(-?\d+%?)?\])?', split)
-  if m is None:
-    raise ValueError(f'{what} has one split, train; config.data.split={split!r} must be '
-                     "'train' or a slice such as 'train[:90%]', 'train[1000:]'")
-
-  def bound(text, default):
-    if text is None:
-      return default
-    value = round(n * int(text[:-1]) / 100) if text.endswith('%') else int(text)
-    return min(max(value + n if value < 0 else value, 0), n)
-
-  return bound(m.group(1), 0), bound(m.group(2), n)
-
-
 @dataclasses.dataclass(frozen=True)
 class DigitsSource:
   """scikit-learn's 1,797 handwritten digits, 8x8 uint8 (0..16 scaled to 0..255)."""
@@ -85,7 +70,7 @@ def digits_source(split):
   """The digits of `split` ('train' = all 1,797; 'train[a:b]' a slice of them)."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
-  start, stop = _split_range(split, len(digits.target), 'dataset digits')
+  start, stop = split_range(split, len(digits.target), 'dataset digits')
   # The raw values are counts 0..16 of set pixels in 4x4 blocks of a 32x32 bitmap.
   images = np.rint(digits.images[start:stop] * (255.0 / 16.0)).astype(np.uint8)
   return DigitsSource(images, digits.target[start:stop].astype(np.int32))
@@ -144,7 +129,7 @@ def folder_source(root, split):
   if not paths:
     raise ValueError(f'config.data.dataset=folder:{root} holds no images: no file ending in '
                      f'{", ".join(IMAGE_EXTENSIONS)} (any case) anywhere under it')
-  start, stop = _split_range(split, len(paths), f'dataset folder:{root}')
+  start, stop = split_range(split, len(paths), f'dataset folder:{root}')
   paths = paths[start:stop]
   classes = sorted({p.split(os.sep)[0] if os.sep in p else '' for p in paths})
   index = {c: i for i, c in enumerate(classes)}

@@ -137,7 +137,8 @@ def test_context_config_fields():
   import models
   from tests.tiny import tiny_config
 
-  config = tiny_config(**{'model.context_dim': D, 'model.context_len': L})
+  config = tiny_config(**{'model.context_dim': D, 'model.context_len': L, 'data.dataset': 'shapes',
+                          'data.num_channels': 3, 'data.num_classes': 0})
   config_lib.validate(config)
   inputs = models.dummy_inputs(config, batch_size=B)
   assert inputs['context'].shape == (B, L, D) and inputs['context_mask'].shape == (B, L)

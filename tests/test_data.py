@@ -359,7 +359,7 @@ def test_folder_errors(tmp_path):
 
 @pytest.mark.parametrize('spec', ['cifar10', 'tfds:', 'hf:cifar10', 'folder:'])
 def test_unknown_dataset_spec(spec):
-  with pytest.raises(ValueError, match=r"accepted forms: 'digits', 'tfds:NAME'.*'folder:"):
+  with pytest.raises(ValueError, match=r"accepted forms: 'digits', 'shapes', 'tfds:NAME'.*'folder:"):
     data.get_dataset(_config(dataset=spec), process_index=0, process_count=1)
 
 
