@@ -290,7 +290,7 @@ def prompt_sets(num_captions, split='test'):
 
 
 def judge_run(workdir, judge, scales, *, per_prompt=4, num_captions=96, sampler='ddim',
-              num_steps=50, seed=0):
+              num_steps=50, seed=0, overrides=()):
   """Samples a trained text run's EMA params at each guidance scale and scores the images.
 
   Returns rows {'scale', 'set', 'num_images', color, shape, object, position, all, count};
@@ -302,6 +302,9 @@ def judge_run(workdir, judge, scales, *, per_prompt=4, num_captions=96, sampler=
   import sample_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_run_config(workdir)
   config.sampling.sampler, config.sampling.num_steps = sampler, num_steps
+  for item in overrides:  # 'sampling.use_clipped_model_output=True'
+    key, value = item.split('=', 1)
+    config_lib.set_field(config, key, value)
   model, schedule = experiment.model(config), experiment.schedule(config)
   step, params = experiment.restore_params(config, workdir, module=model)
   sets = prompt_sets(num_captions)
@@ -338,6 +341,7 @@ def main(argv=None):
                       help='test-split captions sampled once each')
   parser.add_argument('--sampler', default='ddim')
   parser.add_argument('--num_steps', type=int, default=50)
+  parser.add_argument('--set', nargs='*', default=[], help='sampling overrides: FIELD=VALUE')
   parser.add_argument('--image_size', type=int, default=0,
                       help="the judge's resolution (default: the run's data.image_size, else 32)")
   args = parser.parse_args(argv)
@@ -362,8 +366,10 @@ def main(argv=None):
     t0 = time.time()
     table = judge_run(args.workdir, judge, [float(x) for x in args.scales.split(',')],
                       per_prompt=args.per_prompt, num_captions=args.num_captions,
-                      sampler=args.sampler, num_steps=args.num_steps)
-    out = os.path.join(args.workdir, f'prompt_accuracy_{args.sampler}{args.num_steps}.json')
+                      sampler=args.sampler, num_steps=args.num_steps, overrides=args.set)
+    tag = ''.join('_' + item.split('.')[-1] for item in args.set)
+    out = os.path.join(args.workdir,
+                       f'prompt_accuracy_{args.sampler}{args.num_steps}{tag}.json')
     with open(out, 'w') as f:
       json.dump({'rows': table, 'seconds': round(time.time() - t0, 1)}, f, indent=1)
     print(f'wrote {out}')

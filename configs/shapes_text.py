@@ -16,7 +16,12 @@ Prompt following (a judge trained on the generator's ground truth scores the sam
   python -m bench.shapes_judge --workdir runs/shapes_text
 
 random_flip stays off: a flip would turn "on the left" into a lie.
-Measured result: see the README's text-to-image section and bench/RESULTS.md.
+
+Measured (2026-12-03, 2 AMD EPYC cores): the first command took 9 min 50 s (2,000 steps at
+3.6-4.5 steps/s). Judged by bench/shapes_judge.py at guidance 3 (DDIM 50, clipped model output):
+the 12 one-object prompts ("a red circle") give the asked color 100% and color + shape 93.8% of
+the time (chance 8.3%); the test captions of every form 80.2% color + shape, 50.8% position where
+one is asked, 64.6% all; at guidance 1: 87.5%, and 57.3% / 24.6% / 43.8%. README, bench/RESULTS.md.
 """
 
 from configs import digits
@@ -56,6 +61,9 @@ def get_config():
   config.sampling.sampler = 'ddim'
   config.sampling.num_steps = 50
   config.sampling.guidance_scale = 3.0
+  # Recompute eps from the clipped x0 (diffusers' use_clipped_model_output): at guidance 3 the raw
+  # eps overshoots and the samples break into extra blobs; measured in the docstring.
+  config.sampling.use_clipped_model_output = True
   config.sampling.num_samples = 16
   config.sampling.batch_size = 16
 
