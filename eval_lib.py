@@ -140,6 +140,14 @@ CLIP_MISSING = ('not computed: set config.eval.clip_weights to a CLIP folder (Hu
                 'CLIPModel layout, e.g. openai/clip-vit-large-patch14)')
 
 
+def clip_result(config, images_uint8, prompts, stop=None):
+  """The CLIP score with eval.clip_weights, else CLIP_MISSING (logged): what the record holds."""
+  if config.eval.clip_weights:
+    return clip_score(config, images_uint8, prompts, stop=stop)
+  logging.warning('CLIP score %s', CLIP_MISSING)
+  return CLIP_MISSING
+
+
 def clip_score(config, images_uint8, prompts, stop=None):
   """torchmetrics' CLIP score of the samples against their prompts, with eval.clip_weights."""
   from evaluation import clip  # pylint: disable=g-import-not-at-top
@@ -165,11 +173,12 @@ def _append_record(workdir, record):
 
 
 def run_eval_mode(config, workdir, stop=None):
-  """--mode eval: samples from a checkpoint, scored against the dataset's statistics."""
+  """--mode eval: samples from a checkpoint (or model.pretrained's U-Net while the workdir has
+  none: experiment.sampling_params), scored against the dataset's statistics."""
   s, ev = config.sampling, config.eval
   model, schedule = experiment.model(config), experiment.schedule(config)
-  step, params = experiment.restore_params(config, workdir, step=s.checkpoint_step,
-                                           use_ema=s.use_ema, module=model)
+  step, params = experiment.sampling_params(config, workdir, step=s.checkpoint_step,
+                                            use_ema=s.use_ema, module=model)
   module, inception_params = fid_lib.load_inception(ev.inception_weights)
   ref = reference_stats(config, params=inception_params, stop=stop)
   t0 = time.time()
@@ -181,19 +190,18 @@ def run_eval_mode(config, workdir, stop=None):
   result = fid_kid(images, ref, inception_params, batch_size=ev.batch_size,
                    with_logits=module.num_classes > 0, stop=stop)
   if prompts is not None:
-    if ev.clip_weights:
-      result['clip_score'] = clip_score(config, images, prompts, stop=stop)
-    else:
-      result['clip_score'] = CLIP_MISSING
-      logging.warning('CLIP score %s', CLIP_MISSING)
+    result['clip_score'] = clip_result(config, images, prompts, stop=stop)
   if ev.bpd_num_examples > 0:
     result['bits_per_dim'] = bits_per_dim(config, model, schedule, params, ev.bpd_num_examples,
                                           stop=stop)
-  record = {'mode': 'eval', 'step': step, 'sampler': s.sampler, 'num_steps': s.num_steps,
+  # The folder's weights (step None) are recorded at step 0: metrics.jsonl's steps are numbers.
+  record = {'mode': 'eval', 'step': 0 if step is None else step, 'sampler': s.sampler, 'num_steps': s.num_steps,
             'spacing': s.spacing, 'eta': s.eta, 'seed': s.seed, 'generate_seconds': gen_s,
             **result}
   if config.model.num_classes > 0 or prompts is not None:
     record['guidance_scale'] = s.guidance_scale
+  if step is None:
+    record['pretrained'] = config.model.pretrained
   _append_record(workdir, record)
   if jax.process_index() == 0:
     print(json.dumps(record))

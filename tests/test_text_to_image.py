@@ -259,18 +259,30 @@ def test_prompts_file_cycles_over_the_samples(text_run, tmp_path):
 
 
 def test_eval_mode_reports_clip_score_or_says_why_not(data, text_run, tmp_path):
+  import eval_lib  # pylint: disable=g-import-not-at-top
+  from evaluation import clip  # pylint: disable=g-import-not-at-top
   from evaluation import fid  # pylint: disable=g-import-not-at-top
   config, workdir = text_run
-  images, _ = _images_and_captions()
+  images, caps = _images_and_captions()
   stats = str(tmp_path / 'stats.npz')
   fid.reference_statistics(lambda: [images[:8]], stats, batch_size=8)
-  common = ['--config.eval.num_samples=8', '--config.eval.batch_size=8',
-            f'--config.eval.reference_stats={stats}']
-  _main(config, workdir, *common, mode='eval')
   clip_folder = clip_reference.write_clip_model(clip_reference.load(), str(tmp_path / 'clip'))
-  _main(config, workdir, *common, f'--config.eval.clip_weights={clip_folder}', mode='eval')
+  _main(config, workdir, '--config.eval.num_samples=8', '--config.eval.batch_size=8',
+        f'--config.eval.reference_stats={stats}', f'--config.eval.clip_weights={clip_folder}',
+        mode='eval')
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f if '"mode": "eval"' in line][-2:]
-  assert records[0]['clip_score'].startswith('not computed: set config.eval.clip_weights')
-  assert isinstance(records[1]['clip_score'], float) and 0 <= records[1]['clip_score'] <= 100
-  assert np.isfinite(records[1]['fid'])
+    record = [json.loads(line) for line in f if '"mode": "eval"' in line][-1]
+  assert isinstance(record['clip_score'], float) and 0 <= record['clip_score'] <= 100
+  assert np.isfinite(record['fid'])
+  # The same function on given images and prompts: torchmetrics' formula on the CLIP embeddings.
+  run_config = config_lib.load_run_config(workdir)
+  run_config.eval.clip_weights = clip_folder
+  model, params = clip.load(clip_folder)
+  tok = clip.tokenizer(clip_folder)
+  cos = np.sum(np.asarray(clip.image_embeds(model, params, images[:4])) *
+               np.asarray(clip.text_embeds(model, params, clip.tokenize(tok, caps[:4]))), -1)
+  assert eval_lib.clip_result(run_config, images[:4], caps[:4]) == pytest.approx(
+      100 * max(cos.mean(), 0), abs=1e-4)
+  run_config.eval.clip_weights = ''
+  assert eval_lib.clip_result(run_config, images[:4], caps[:4]).startswith(
+      'not computed: set config.eval.clip_weights')
