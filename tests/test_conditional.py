@@ -15,10 +15,10 @@ import pytest
 
 import checkpoints
 import config_lib
-import main
 import models
 import sharding
 import train_lib
+from tests.main_runner import run_main
 from tests.tiny import tiny_config
 
 # One trained model serves every mode (compiles dominate the time here): 16x16 digits, labelled
@@ -59,18 +59,8 @@ def runs(tmp_path_factory):
 
 
 def _sample(config, workdir, *overrides, mode='sample'):
-  argv = ['main.py', f'--config={config}', f'--workdir={workdir}', f'--mode={mode}', *overrides]
   shutil.rmtree(os.path.join(workdir, 'samples'), ignore_errors=True)  # only this call's files
-  saved = sys.argv
-  sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
-  try:
-    main.parse_flags(argv)
-    main.main(argv[:1])
-  finally:
-    sys.argv = saved
-    # ml_collections defines one flag per --config.* override; drop them for the next parse.
-    for name in [n for n in main.FLAGS if n.startswith('config.')]:
-      delattr(main.FLAGS, name)
+  run_main(config, workdir, *overrides, mode=mode)
   return {os.path.basename(p): p for p in glob.glob(os.path.join(workdir, 'samples', '*'))}
 
 

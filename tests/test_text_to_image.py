@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 from PIL import Image
@@ -20,12 +19,12 @@ import pytest
 
 import captions
 import config_lib
-import main
 from data import pipeline
 from data import shapes
 from data import sources
 from data import synthetic
 from tests import clip_reference
+from tests.main_runner import run_main
 from tests.tiny import tiny_config
 
 N = 16
@@ -53,17 +52,7 @@ def _config_file(path, overrides):
   return str(path)
 
 
-def _main(config, workdir, *overrides, mode='train'):
-  argv = ['main.py', f'--config={config}', f'--workdir={workdir}', f'--mode={mode}', *overrides]
-  saved = sys.argv
-  sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
-  try:
-    main.parse_flags(argv)
-    main.main(argv[:1])
-  finally:
-    sys.argv = saved
-    for name in [n for n in main.FLAGS if n.startswith('config.')]:
-      delattr(main.FLAGS, name)
+_main = run_main
 
 
 @pytest.fixture(scope='module')
