@@ -3,7 +3,8 @@
 A text model (config.model.context_dim > 0) is conditioned on the last hidden states [L, D] of a
 frozen text encoder (config.text.encoder, models/text_encoders.py) and their mask [L], with
 L = config.model.context_len: shorter encodings are padded (mask False), longer ones truncated
-(with a warning that counts them).
+(with a warning that counts them). Stable Diffusion instead attends to all 77 CLIP states,
+padding included: text.pad_tokens = 'attend' (the default for model.pretrained) keeps them.
 
 Training: `build_cache` lists the split's captions (data.sources.captions_of), encodes each
 distinct caption once and writes states float32 [U, L, D] and masks bool [U, L] as .npy files
@@ -45,10 +46,13 @@ def load_encoder(config):
 def encode(config, encoder, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
   """Token states float32 [N, L, D] and mask bool [N, L] of `prompts`, L = model.context_len.
 
-  Encoded config.text.batch_size at a time; states past L are dropped (logged), and padding
-  rows are zero with mask False.
+  Encoded config.text.batch_size at a time; states past L are dropped (logged). Padding
+  positions are zero with mask False, or with text.pad_tokens = 'attend' (`attends_padding`)
+  the encoder's own states there with mask True: Stable Diffusion's conditioning, for encoders
+  that pad to a fixed length (CLIP: 77).
   """
   length, bs = config.model.context_len, config.text.batch_size
+  attend = attends_padding(config)
   prompts = list(prompts)
   states = np.zeros((len(prompts), length, encoder.dim), np.float32)
   mask = np.zeros((len(prompts), length), bool)
@@ -58,6 +62,10 @@ def encode(config, encoder, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndar
     s, m = np.asarray(s, np.float32), np.asarray(m, bool)
     truncated += int(m[:, length:].any(axis=1).sum())
     n = min(length, s.shape[1])
+    if attend:  # SD: all L states, as the encoder computed them, all attended
+      states[i:i + len(s), :n] = s[:, :n]
+      mask[i:i + len(s), :n] = True
+      continue
     # Zero where the mask is False: the encoder's outputs at padding are junk of no meaning, and
     # zeros make every padded row the same whatever batch it was encoded in.
     states[i:i + len(s), :n] = s[:, :n] * m[:, :n, None]
@@ -66,6 +74,13 @@ def encode(config, encoder, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndar
     logging.warning('%d of %d prompts have more than model.context_len=%d tokens and were '
                     'truncated to it', truncated, len(prompts), length)
   return states, mask
+
+
+def attends_padding(config) -> bool:
+  """Whether the model sees the encoder's states at padding positions (text.pad_tokens
+  'attend'; config_lib.apply_pretrained turns 'auto' into 'attend' for model.pretrained) rather
+  than zeros masked out ('mask', and 'auto' otherwise)."""
+  return config.text.get('pad_tokens', 'auto') == 'attend'
 
 
 def conds(config, encoder, prompts: Sequence[str]) -> dict:
@@ -154,8 +169,10 @@ def build_cache(config, workdir: str, split: Optional[str] = None,
   distinct = [''] + sorted({c for caps in per_example for c in caps} - {''})
   index = {c: i for i, c in enumerate(distinct)}
   ids = [[index[c] for c in caps] for caps in per_example]
-  key = hashlib.sha256(json.dumps([CACHE_VERSION, config.text.encoder,
-                                   config.model.context_len, distinct]).encode()).hexdigest()
+  parts = [CACHE_VERSION, config.text.encoder, config.model.context_len, distinct]
+  if attends_padding(config):  # appended only then: the 'mask' caches keep their names
+    parts.append('attend_padding')
+  key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
   folder = os.path.join(cache_dir(config, workdir), key[:16])
   if os.path.isfile(os.path.join(folder, 'mask.npy')):
     logging.info('text cache: %d distinct captions of %d examples, read from %s',

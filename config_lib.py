@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from absl import logging
 import ml_collections
 
 
@@ -330,6 +331,170 @@ def _check_sd_unet(config, size):
          f"{g.attention_impl!r}: '' (XLA) or 'cudnn'")
 
 
+# ----------------------------------------------------------------------- model.pretrained
+
+# UNet2DConditionModel's defaults for config.sd_unet's architecture fields, which a diffusers
+# unet/config.json may leave out (models/sd_unet.config_from_diffusers, which builds the network,
+# reads the same; tests/test_sd_pipeline.py holds the two equal). sd_unet.dropout and
+# sd_unet.attention_impl are not the folder's: they stay the config's.
+SD_UNET_DEFAULTS = {
+    'in_channels': 4, 'out_channels': 4, 'sample_size': 0,
+    'block_out_channels': (320, 640, 1280, 1280), 'layers_per_block': 2,
+    'down_block_types': ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    'up_block_types': ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+    'attention_head_dim': 8, 'transformer_layers_per_block': 1, 'cross_attention_dim': 1280,
+    'use_linear_projection': False, 'norm_num_groups': 32, 'norm_eps': 1e-5,
+    'flip_sin_to_cos': True, 'freq_shift': 0, 'downsample_padding': 1,
+}
+_PER_BLOCK = ('layers_per_block', 'attention_head_dim', 'transformer_layers_per_block')
+# The weight files models/sd_unet.py reads from a unet/ folder (any one of them).
+UNET_WEIGHTS = ('diffusion_pytorch_model.safetensors',
+                'diffusion_pytorch_model.safetensors.index.json',
+                'diffusion_pytorch_model.fp16.safetensors', 'diffusion_pytorch_model.bin')
+# diffusers' scheduler prediction_type -> diffusion.prediction
+PREDICTION_TYPES = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x0'}
+_LAYOUT = ('a Stable Diffusion folder in the diffusers layout has unet/, vae/, text_encoder/ '
+           'and tokenizer/ sub-folders (model_index.json and scheduler/ optional)')
+_warned = set()
+
+
+def sd_unet_fields(unet_config):
+  """config.sd_unet's architecture fields from a diffusers unet/config.json dict (missing
+  fields: UNet2DConditionModel's defaults; lists as tuples, a per-block field whose blocks all
+  agree as an int)."""
+  out = {}
+  for field, default in SD_UNET_DEFAULTS.items():
+    value = unet_config.get(field)
+    value = default if value is None else value
+    value = tuple(value) if isinstance(value, list) else value
+    if field in _PER_BLOCK and isinstance(value, tuple) and len(set(value)) == 1:
+      value = value[0]
+    out[field] = value
+  width = out['cross_attention_dim']
+  if isinstance(width, tuple):
+    _check(len(set(width)) == 1, 'model.pretrained', f'unet/config.json gives one '
+           f'cross_attention_dim per block {width}: one width for every block is implemented')
+    out['cross_attention_dim'] = width[0]
+  return out
+
+
+def _read_json(path, field):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'config.{field}: cannot read {path} ({e})') from e
+
+
+def _same(old, new):
+  old = tuple(old) if isinstance(old, list) else old
+  if isinstance(old, tuple) and not isinstance(new, tuple):  # (8, 8, 8, 8) is 8 per block
+    return len(set(old)) == 1 and old[0] == new
+  return old == new
+
+
+def _warn_once(message):
+  if message not in _warned:  # validate runs more than once per launch
+    _warned.add(message)
+    logging.warning('%s', message)
+
+
+def apply_pretrained(config):
+  """Fills, in place, what config.model.pretrained's Stable Diffusion folder defines.
+
+  The folder's unet/config.json defines the U-Net: it overwrites config.sd_unet's architecture
+  fields (SD_UNET_DEFAULTS' names) and model.context_dim (= its cross_attention_dim), whatever
+  the config file says; sd_unet.dropout and sd_unet.attention_impl stay. latent.autoencoder ''
+  becomes FOLDER/vae; text.encoder 'minilm' (the default) or '' becomes FOLDER/text_encoder
+  (its tokenizer in FOLDER/tokenizer); text.pad_tokens 'auto' becomes 'attend' (SD attends to
+  all 77 CLIP states). A scheduler/scheduler_config.json, if there, must have
+  diffusion.prediction's prediction_type; other schedule differences are warned about.
+
+  validate calls it first; idempotent. Each change is logged once ('field: old -> new').
+
+  Returns:
+    The changes made, as 'field: old -> new' strings ([] without model.pretrained).
+
+  Raises:
+    ConfigError: model.name is not 'sd_unet', the folder or a sub-folder / file it needs is
+      missing (named), or the folder's U-Net cannot serve this config (named, both values).
+  """
+  m = config.model
+  folder = m.get('pretrained', '')
+  _check(isinstance(folder, str), 'model.pretrained', f'must be a folder path, got {folder!r}')
+  if not folder:
+    return []
+  _check(m.name == 'sd_unet', 'model.pretrained',
+         f"is a Stable Diffusion folder, for model.name='sd_unet', not {m.name!r}")
+  _check(os.path.isdir(folder), 'model.pretrained', f'{folder!r} is not a folder: {_LAYOUT} '
+         '(e.g. a download of stable-diffusion-v1-5/stable-diffusion-v1-5)')
+
+  def need(sub, names, what):
+    d = os.path.join(folder, sub)
+    _check(any(os.path.isfile(os.path.join(d, n)) for n in names), 'model.pretrained',
+           f'{d} has no {what} ({" or ".join(names)}); {_LAYOUT}')
+    return d
+
+  need('unet', ('config.json',), 'config.json')
+  need('unet', UNET_WEIGHTS, 'U-Net weights')
+  unet_json = os.path.join(folder, 'unet', 'config.json')
+  unet = _read_json(unet_json, 'model.pretrained')
+  _check(unet.get('_class_name', 'UNet2DConditionModel') == 'UNet2DConditionModel',
+         'model.pretrained', f'{unet_json} is a {unet.get("_class_name")}, not the '
+         'UNet2DConditionModel of Stable Diffusion 1.x / 2.x')
+  changes = []
+
+  def put(node, path, value):
+    leaf = path.rpartition('.')[2]
+    if _same(node[leaf], value):
+      return
+    changes.append(f'{path}: {node[leaf]!r} -> {value!r}')
+    with node.ignore_type():  # e.g. SD 2.x's per-block heads over the int default
+      node[leaf] = value
+
+  for field, value in sd_unet_fields(unet).items():
+    put(config.sd_unet, f'sd_unet.{field}', value)
+  put(m, 'model.context_dim', config.sd_unet.cross_attention_dim)
+  if not config.latent.autoencoder:
+    put(config.latent, 'latent.autoencoder', need('vae', ('config.json',), 'config.json'))
+  if config.text.encoder in ('', 'minilm'):
+    text = need('text_encoder', ('config.json',), 'config.json')
+    tokenizer = [os.path.join(d, n) for d in (text, os.path.join(folder, 'tokenizer'))
+                 for n in ('tokenizer.json', 'vocab.json')]
+    _check(any(os.path.isfile(p) for p in tokenizer), 'model.pretrained',
+           f'no CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt) in '
+           f'{os.path.join(folder, "tokenizer")} or {text}; {_LAYOUT}')
+    put(config.text, 'text.encoder', text)
+  if config.text.get('pad_tokens', 'auto') == 'auto':
+    put(config.text, 'text.pad_tokens', 'attend')
+  channels = config.latent.channels
+  _check(unet.get('in_channels', 4) == channels, 'model.pretrained',
+         f'{unet_json} takes in_channels={unet.get("in_channels", 4)} but the model denoises '
+         f'latent.channels={channels} (U-Nets with extra input channels, as SD inpainting\'s, '
+         'are not supported)')
+
+  scheduler = os.path.join(folder, 'scheduler', 'scheduler_config.json')
+  if os.path.isfile(scheduler):
+    sch, df = _read_json(scheduler, 'model.pretrained'), config.diffusion
+    kind = sch.get('prediction_type', 'epsilon')
+    _check(PREDICTION_TYPES.get(kind) == df.prediction, 'diffusion.prediction',
+           f'{df.prediction!r}, but {scheduler} has prediction_type {kind!r} '
+           f'(= {PREDICTION_TYPES.get(kind)!r}): the U-Net was trained on that target')
+    theirs = {'diffusion.schedule': sch.get('beta_schedule'),
+              'diffusion.beta_start': sch.get('beta_start'),
+              'diffusion.beta_end': sch.get('beta_end'),
+              'diffusion.num_timesteps': sch.get('num_train_timesteps')}
+    differing = [f'{k}={_get(config, k)!r} (theirs {v!r})' for k, v in theirs.items()
+                 if v is not None and v != _get(config, k)]
+    if differing:
+      _warn_once(f'config.model.pretrained: the diffusion schedule differs from {scheduler}, '
+                 f'the one the U-Net was trained with: {", ".join(differing)}')
+  if changes:
+    logging.info('config.model.pretrained=%s defines the model (%s overrides the config file): '
+                 '%s', folder, unet_json, '; '.join(changes))
+  return changes
+
+
 def _get(config, path):
   node = config
   for part in path.split('.'):
@@ -338,7 +503,11 @@ def _get(config, path):
 
 
 def validate(config, *, num_devices=1, process_count=1):
-  """Checks types, ranges and combinations; raises ConfigError naming the field."""
+  """Checks types, ranges and combinations; raises ConfigError naming the field.
+
+  First fills, in place, what config.model.pretrained defines (`apply_pretrained`).
+  """
+  apply_pretrained(config)
   d, m, df, tr, s = (config.data, config.model, config.diffusion, config.training,
                      config.sampling)
   _check(_is_int(config.seed), 'seed', f'must be an integer, got {config.seed!r}')
@@ -494,6 +663,8 @@ def _check_text(config):
   _check(not d.dataset.startswith('tfds:') or d.caption_key != '', 'data.caption_key',
          "a text model on a tfds dataset needs its text feature, e.g. 'captions/text'")
   _check(config.text.encoder != '', 'text.encoder', "name an encoder: 'minilm' or a CLIP folder")
+  _check(config.text.get('pad_tokens', 'auto') in ('auto', 'mask', 'attend'), 'text.pad_tokens',
+         f"{config.text.get('pad_tokens')!r}: 'auto', 'mask' or 'attend'")
   _check(not (s.prompt and s.prompts_file), 'sampling.prompt',
          'set sampling.prompt or sampling.prompts_file, not both')
   _check(not s.prompts_file or os.path.isfile(os.path.expanduser(s.prompts_file)),
@@ -534,7 +705,12 @@ def from_dict(saved):
       if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
         fill(node[key], value)
       else:
-        node[key] = tuple(value) if isinstance(value, list) else value
+        value = tuple(value) if isinstance(value, list) else value
+        try:
+          node[key] = value
+        except TypeError:  # e.g. SD 2.x's per-block heads (apply_pretrained) over the int default
+          with node.ignore_type():
+            node[key] = value
   fill(config, migrate(saved))
   return config
 

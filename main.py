@@ -4,6 +4,8 @@ Modes:
   train       train (or resume) the run in --workdir                         (default)
   sample      restore a checkpoint and write a grid + .npz of samples
   eval        restore a checkpoint, generate eval.num_samples, print FID / KID (/ IS)
+              (both: with config.model.pretrained, a Stable Diffusion folder, and no checkpoint
+              in --workdir yet, its unet/ weights; `train` starts from them)
   fid_stats   compute and cache the Inception statistics of the dataset
   prepare     download and prepare a tfds dataset (needs internet and TensorFlow)
 

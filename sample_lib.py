@@ -377,9 +377,11 @@ class GridHook:
 
 
 def output_name(config, step):
-  """The file name stem of --mode sample's outputs: every setting that changes the images."""
+  """The file name stem of --mode sample's outputs: every setting that changes the images.
+  step None: the weights of config.model.pretrained ('pretrained_...')."""
   s = config.sampling
-  name = f'step_{step:07d}_{s.sampler}_{s.num_steps}steps_eta{s.eta:g}_seed{s.seed}'
+  name = 'pretrained' if step is None else f'step_{step:07d}'
+  name += f'_{s.sampler}_{s.num_steps}steps_eta{s.eta:g}_seed{s.seed}'
   if s.spacing != 'auto':
     name += f'_{s.spacing}'
   # Non-default clipping changes the samples: keep such runs from overwriting the default's files.
@@ -422,13 +424,16 @@ def _prompt_tag(s):
 def run_sample_mode(config, workdir, stop=None):
   """--mode sample: restore, generate config.sampling.num_samples, write grids and an .npz.
 
+  The params are the workdir's newest checkpoint (or sampling.checkpoint_step's); with
+  config.model.pretrained and no checkpoint yet, the folder's U-Net (experiment.sampling_params).
+
   Returns the uint8 samples [num_samples, H, W, C].
   """
   s = config.sampling
   n = s.num_samples
   model = experiment.model(config)
-  step, params = experiment.restore_params(config, workdir, step=s.checkpoint_step,
-                                           use_ema=s.use_ema, module=model)
+  step, params = experiment.sampling_params(config, workdir, step=s.checkpoint_step,
+                                            use_ema=s.use_ema, module=model)
   name = output_name(config, step)
   arrays, columns = {}, []  # inputs saved in the .npz, and shown left of the outputs
 

@@ -52,6 +52,10 @@ OPTIMIZERS = {
     'adam': lambda lr, o: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
     'adamw': lambda lr, o: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                        weight_decay=o.weight_decay),
+    # Shazeer & Stern 2018: factored second moments, no first moment (memory for fine-tuning
+    # large models); lr absolute as Adam's (no parameter-scale multiplier), optax's defaults
+    # otherwise (decay 0.8, update clipping at RMS 1, factoring of dims >= 128).
+    'adafactor': lambda lr, o: optax.adafactor(lr, multiply_by_parameter_scale=False),
 }
 
 
@@ -94,11 +98,13 @@ def make_optimizer(config):
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
 
 
-def init_state(config, model, tx):
-  """A fresh TrainState from config.seed (pure: usable under jax.eval_shape)."""
+def init_state(config, model, tx, params=None):
+  """A fresh TrainState from config.seed (pure: usable under jax.eval_shape); `params` (e.g. a
+  pretrained U-Net's) replace the random init, as the EMA's start too."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
-  params = models.init_params(model, config, init_rng)
+  if params is None:
+    params = models.init_params(model, config, init_rng)
   zero = lambda: jnp.zeros((), jnp.int32)
   # Copies, not aliases: the state is donated and one buffer cannot be donated twice.
   return TrainState(step=zero(), params=params, ema_params=jax.tree.map(jnp.copy, params),
@@ -112,11 +118,14 @@ def abstract_state(config, model, tx, mesh):
                                        mesh)
 
 
-def create_state(config, model, tx, mesh):
-  """init_state, compiled, with every leaf replicated over the mesh."""
+def create_state(config, model, tx, mesh, params=None):
+  """init_state, compiled, with every leaf replicated over the mesh; from `params` (a tree of
+  the model's shapes, e.g. experiment.pretrained_params) instead of the random init if given."""
   target = abstract_state(config, model, tx, mesh)
-  return jax.jit(lambda: init_state(config, model, tx),
-                 out_shardings=jax.tree.map(lambda s: s.sharding, target))()
+  shardings = jax.tree.map(lambda s: s.sharding, target)
+  if params is None:
+    return jax.jit(lambda: init_state(config, model, tx), out_shardings=shardings)()
+  return jax.jit(lambda p: init_state(config, model, tx, p), out_shardings=shardings)(params)
 
 
 def make_train_step(config, model, schedule, tx, conditioner=None):
@@ -331,6 +340,9 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
       dispatch late), FloatingPointError. Checkpoints only ever hold finite values.
     * A workdir whose config.json differs in a non-resumable field is refused (ConfigError)
       unless allow_config_change.
+    * config.model.pretrained: a new run starts its params and EMA from the folder's unet/
+      weights (experiment.pretrained_params); a resumed one restores its checkpoint and does
+      not read them.
 
   Args:
     config: the experiment config (validated here again).
@@ -364,13 +376,15 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
       # A text model's caption states are encoded once, before the loop (captions.py).
       text_cache = (captions.build_cache(config, workdir)
                     if config.model.get('context_dim', 0) > 0 else None)
-      ds = data_lib.get_dataset(config, captions=text_cache)
+      ds = (data_lib.get_dataset(config) if text_cache is None else
+            data_lib.get_dataset(config, captions=text_cache))
     except ValueError as e:
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
     conditioner = experiment.conditioner(config, text_cache.null if text_cache else None)
 
     target = abstract_state(config, model, tx, mesh)
     restored = checkpoints.restore_train_state(mngr, target)
+    pretrained = config.model.get('pretrained', '')
     if restored is None and mngr.all_steps():
       raise config_lib.ConfigError(
           f'none of the checkpoints {mngr.all_steps()} in {mngr.directory} can be restored (see '
@@ -385,12 +399,18 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
       except ValueError as e:  # e.g. another process count: the stream cannot be re-cut
         logging.warning('the data position cannot be restored (%s); the data stream restarts '
                         'from its beginning', str(e).splitlines()[0])
-      logging.info('resumed from %s at step %d', mngr.directory, step)
+      logging.info('resumed from %s at step %d%s', mngr.directory, step,
+                   f' (the run\'s own weights; model.pretrained={pretrained!r} only started it)'
+                   if pretrained else '')
     else:
-      state = create_state(config, model, tx, mesh)
+      # A pretrained U-Net (config.model.pretrained) starts the params and the EMA.
+      init = experiment.pretrained_params(config, model, mesh) if pretrained else None
+      state = create_state(config, model, tx, mesh, params=init)
+      del init
       step = 0
-      logging.info('new run in %s: %s parameters', workdir,
-                   f'{models.count_params(state.params):,}')
+      logging.info('new run in %s: %s parameters%s', workdir,
+                   f'{models.count_params(state.params):,}',
+                   f', initialised from {os.path.join(pretrained, "unet")}' if pretrained else '')
     _trim_metrics(workdir, step)
     if latent is None:
       latent = latent_space.load(config)

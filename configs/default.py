@@ -43,6 +43,11 @@ def get_config():
   text.encoder = 'minilm'  # 'minilm' (all-MiniLM-L6-v2, bundled) or a Hugging Face CLIP text folder
   text.cache_dir = ''  # where the cached states go; '' = WORKDIR/text_cache
   text.batch_size = 256  # prompts per encoder call while caching
+  # what the model sees at the padding positions of the context_len token states:
+  # 'mask' = zero states, masked out of the cross-attention; 'attend' = the encoder's own states
+  # there and an all-True mask (Stable Diffusion attends to all 77 CLIP states, padding
+  # included); 'auto' = 'attend' with model.pretrained, else 'mask'
+  text.pad_tokens = 'auto'
 
   # ---------------------------------------------------------------- latent diffusion
   # A frozen autoencoder between pixels and the model (latent_space.py): the model then sees
@@ -79,6 +84,20 @@ def get_config():
   # (e.g. 384 for MiniLM, 768 for CLIP ViT-L/14)
   model.context_dim = 0
   model.context_len = 77  # L: the token length of the cached text states (CLIP's 77)
+  # A Stable Diffusion 1.x / 2.x folder in diffusers' layout (unet/, vae/, text_encoder/,
+  # tokenizer/; model_index.json and scheduler/ optional), model.name = 'sd_unet' only; '' = none.
+  # It defines the model (config_lib.apply_pretrained, run by validate, logs what it changes):
+  #   config.sd_unet's architecture fields and model.context_dim <- unet/config.json (the folder
+  #     wins over the config file; sd_unet.dropout and sd_unet.attention_impl stay the config's)
+  #   latent.autoencoder, if ''                           <- FOLDER/vae
+  #   text.encoder, if 'minilm' (the default) or ''       <- FOLDER/text_encoder (+ ../tokenizer)
+  #   text.pad_tokens 'auto'                              -> 'attend' (SD's conditioning)
+  # and, if it has scheduler/scheduler_config.json, its prediction_type must be
+  # diffusion.prediction (the betas are only compared, with a warning).
+  # Training starts from unet/'s weights (params and EMA) instead of a random init; a resumed
+  # run restores its checkpoint. --mode sample / eval use the workdir's newest checkpoint when
+  # there is one (the fine-tuned weights), else unet/'s (outputs named pretrained_...).
+  model.pretrained = ''
 
   # ---------------------------------------------------------------- DiT (model.name = 'dit')
   # Peebles & Xie 2023; only read when model.name = 'dit' (the U-Net fields above do not apply).
@@ -144,7 +163,10 @@ def get_config():
 
   # ---------------------------------------------------------------- optimizer
   config.optim = optim = ml_collections.ConfigDict()
-  optim.optimizer = 'adam'  # 'adam' | 'adamw'
+  # 'adam' | 'adamw' | 'adafactor' (optax.adafactor: factored second moments, no first moment,
+  # about 1x the params in optimizer state instead of Adam's 2x; lr is absolute, as Adam's, with
+  # no parameter-scale multiplier, updates clipped to RMS 1; b1, b2, eps, weight_decay unused)
+  optim.optimizer = 'adam'
   optim.lr = 2e-4  # peak learning rate
   optim.warmup_steps = 5000  # linear warm-up from 0 to lr
   # after the warm-up: 'constant' | 'cosine' | 'linear' (decays to 0 at training.num_steps)

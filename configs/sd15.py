@@ -10,9 +10,27 @@ sampling its weights:
   config.latent       scale 0.18215, 8x down, 4 channels: 512x512 images are 64x64x4 latents
   config.diffusion    scaled-linear betas 0.00085 -> 0.012 (sqrt-spaced, squared), T = 1000, eps
   config.model        context_dim 768 (CLIP ViT-L/14's text states), 77 tokens
-The paths under weights/ are where a download of the pipeline's subfolders is expected; set them
-on the command line (nothing can be downloaded here):
-  --config.latent.autoencoder=/path/to/sd15/vae --config.text.encoder=/path/to/sd15/text_encoder
+config.model.pretrained names the pipeline folder (diffusers' layout: unet/, vae/,
+text_encoder/, tokenizer/): it is where the U-Net's weights start (training) or come from
+(sampling, while the workdir has no checkpoint), and latent.autoencoder / text.encoder are its
+vae/ and text_encoder/. weights/stable-diffusion-v1-5 is where a download is expected; set
+another on the command line (nothing can be downloaded here):
+  python main.py --config configs/sd15.py --workdir runs/sd15 --mode sample \
+      --config.model.pretrained=/path/to/stable-diffusion-v1-5 \
+      --config.sampling.prompt="a photo of an astronaut riding a horse" \
+      --config.sampling.guidance_scale=7.5 --config.sampling.sampler=dpm_solver_pp_2m \
+      --config.sampling.num_steps=25 --config.sampling.num_samples=4 \
+      --config.sampling.batch_size=4 --config.model.dtype=bfloat16
+  python main.py --config configs/sd15.py --workdir runs/sd15_ft \
+      --config.model.pretrained=/path/to/stable-diffusion-v1-5 \
+      --config.data.dataset=folder:/path/to/images --config.training.batch_size=8 \
+      --config.optim.lr=1e-5 --config.optim.warmup_steps=500 --config.optim.optimizer=adafactor \
+      --config.model.dtype=bfloat16 --config.model.remat=true
+(fine-tuning, on images with a same-named .txt caption beside each: the U-Net trains from the
+folder's weights, the VAE and text encoder stay frozen; sampling the same workdir afterwards
+uses the fine-tuned checkpoint. Neither command has run here: no SD weights, no GPU; the path
+is tested on a tiny random SD folder, tests/test_sd_pipeline.py). The folder's unet/config.json defines the
+U-Net (config_lib.apply_pretrained): for SD 1.5 it is config.sd_unet below.
 
 Data, training and sampling settings are not SD's recipe (LAION, 256 A100s); set them per
 experiment. Measured here: the U-Net matches diffusers 0.42.1's UNet2DConditionModel to ~1e-6
@@ -41,6 +59,8 @@ def get_config():
   config.model.context_len = 77  # CLIP's padded length; SD attends to all 77 states
   config.model.dropout = 0.0
   config.model.num_classes = 0
+  # A diffusers StableDiffusionPipeline folder (configs/default.py: model.pretrained).
+  config.model.pretrained = 'weights/stable-diffusion-v1-5'
 
   u = config.sd_unet  # SD 1.5's unet/config.json (models.sd_unet.SD15)
   u.in_channels = 4
@@ -77,13 +97,13 @@ def get_config():
   ae.use_post_quant_conv = True
   ae.dtype = 'float32'
 
-  config.latent.autoencoder = 'weights/stable-diffusion-v1-5/vae'  # diffusers AutoencoderKL folder
+  config.latent.autoencoder = ''  # '' = model.pretrained's vae/ (a diffusers AutoencoderKL folder)
   config.latent.scale_factor = 0.18215
   config.latent.shift_factor = 0.0
   config.latent.factor = 8
   config.latent.channels = 4
 
-  config.text.encoder = 'weights/stable-diffusion-v1-5/text_encoder'  # CLIP ViT-L/14 text model
+  config.text.encoder = ''  # '' = model.pretrained's text_encoder/ (CLIP ViT-L/14's text model)
 
   config.diffusion.schedule = 'scaled_linear'
   config.diffusion.num_timesteps = 1000

@@ -4,7 +4,8 @@ Adding an architecture: write a builder `(config) -> nn.Module` and name it in `
 Every model is called as `model.apply(variables, x, t, train=False, y=None, cond=None)` (a text
 U-Net also takes context=, context_mask=) and returns a float32 prediction with x's shape.
 'sd_unet' is Stable Diffusion's U-Net (models/sd_unet.py, config.sd_unet);
-`load_diffusers_unet(folder) -> (module, params)` reads a diffusers UNet2DConditionModel folder.
+`load_diffusers_unet(folder) -> (module, params)` reads a diffusers UNet2DConditionModel folder;
+`save_diffusers_unet(folder, module, params)` writes one.
 """
 
 from typing import Any, Callable, Dict
@@ -16,7 +17,7 @@ import numpy as np
 
 from models import dit
 from models import sd_unet
-from models.sd_unet import load_diffusers_unet  # noqa: F401  (public API)
+from models.sd_unet import load_diffusers_unet, save_diffusers_unet  # noqa: F401  (public API)
 from models.layers import timestep_embedding  # noqa: F401  (re-exported)
 from models.unet import UNet
 
@@ -76,10 +77,11 @@ def input_shape(config) -> tuple:
   """(height, width, channels) of what the model denoises: the images, or with
   config.latent.autoencoder their latents, whose geometry the config declares (latent.factor,
   latent.channels; config_lib checks them against the folder), so that a model's shapes and
-  parameter count follow from the config alone."""
+  parameter count follow from the config alone. A config.model.pretrained (Stable Diffusion)
+  model denoises latents too, before validation has filled latent.autoencoder from it."""
   size, channels = config.data.image_size, config.data.num_channels
   lat = config.get('latent')
-  if lat is not None and lat.autoencoder:
+  if lat is not None and (lat.autoencoder or config.model.get('pretrained', '')):
     return size // lat.factor, size // lat.factor, lat.channels
   return size, size, channels
 

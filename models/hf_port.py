@@ -5,7 +5,8 @@
   numpy arrays read with `safetensors.numpy` (no torch).
 * `convert`: builds a Flax params tree from an explicit list of `(flax path, torch key, kind)`
   entries, checking every shape against the module's own (from `jax.eval_shape`) and naming the
-  first missing or mismatched torch key.
+  first missing or mismatched torch key; `export` is its inverse (Flax params -> torch keys and
+  layouts), for writing a diffusers / transformers folder back.
 * `activation`, `attention`, `dense`, `layer_norm`: the transformer arithmetic, in float32 with
   HIGHEST matmul precision so that the ports match PyTorch's float32 results to ~1e-6 on any
   backend (accelerators would otherwise multiply in bf16/tf32).
@@ -41,6 +42,11 @@ _TORCH_SHAPE = {
 _TO_FLAX = {
     'linear': lambda a: a.T,
     'conv': lambda a: a.transpose(2, 3, 1, 0),
+    'copy': lambda a: a,
+}
+_TO_TORCH = {  # the inverse of _TO_FLAX
+    'linear': lambda a: a.T,
+    'conv': lambda a: a.transpose(3, 2, 0, 1),
     'copy': lambda a: a,
 }
 
@@ -129,6 +135,23 @@ def convert(state: Mapping[str, np.ndarray], entries: Iterable[Entry], expected:
     raise ValueError(f'{source}: {len(unused)} weights are not read by the model its config.json '
                      f'describes, first {unused[0]!r} {np.shape(state[unused[0]])}.')
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def export(params: Any, entries: Iterable[Entry]) -> Dict[str, np.ndarray]:
+  """The inverse of `convert`: a Flax params tree -> the torch state dict `entries` describe
+  (float32, contiguous, torch layouts), e.g. for safetensors.numpy.save_file.
+
+  Raises:
+    AssertionError: the entries do not cover the params exactly (a bug in an entries list).
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(params)))
+  state, read = {}, set()
+  for path, key, kind in entries:
+    state[key] = np.ascontiguousarray(_TO_TORCH[kind](np.asarray(flat[path], np.float32)))
+    read.add(path)
+  if read != set(flat):
+    raise AssertionError(f'entries do not cover the params: {sorted(set(flat) ^ read)[:4]}')
+  return state
 
 
 def linear(prefix: str, flax_path: Tuple[str, ...], bias: bool = True):

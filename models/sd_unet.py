@@ -34,7 +34,10 @@ params['down_blocks_1']['attentions_0']['transformer_blocks_0']['attn2']['to_k']
 written out from diffusers' own construction rules (channel bookkeeping included), and
 `load_diffusers_unet` converts a diffusers folder through `models.hf_port.convert`, which checks
 every shape against the Flax tree (jax.eval_shape) and names the first missing, unexpected or
-mismatched key.
+mismatched key; given `module=` (the config's U-Net, experiment.pretrained_params) it first
+names every architecture field where that module and the folder's config.json differ.
+`save_diffusers_unet(folder, module, params)` is the inverse (hf_port.export): a U-Net trained
+here written as a diffusers folder (config.json from `diffusers_config`).
 
 Attention runs through `jax.nn.dot_product_attention` ('xla' by default; `attention_impl='cudnn'`
 takes cuDNN's fused kernel on NVIDIA GPUs, bf16 / fp16 only). An optional `context_mask`
@@ -792,8 +795,43 @@ def _read_weights(folder: str) -> Dict[str, np.ndarray]:
                           f'with {CONFIG_NAME} and {WEIGHTS_NAME}.')
 
 
+# SDUNet attributes that define the network (and the config.sd_unet field each comes from);
+# dropout, attention_impl, dtype and remat are how it runs, not what it is.
+ARCHITECTURE = (
+    ('in_channels', 'in_channels'), ('out_channels', 'out_channels'),
+    ('block_out_channels', 'block_out_channels'), ('down_block_types', 'down_block_types'),
+    ('up_block_types', 'up_block_types'), ('layers_per_block', 'layers_per_block'),
+    ('num_attention_heads', 'attention_head_dim'),
+    ('transformer_layers_per_block', 'transformer_layers_per_block'),
+    ('cross_attention_dim', 'cross_attention_dim'),
+    ('use_linear_projection', 'use_linear_projection'), ('norm_num_groups', 'norm_num_groups'),
+    ('norm_eps', 'norm_eps'), ('flip_sin_to_cos', 'flip_sin_to_cos'),
+    ('freq_shift', 'freq_shift'), ('downsample_padding', 'downsample_padding'))
+
+
+class ArchitectureMismatch(ValueError):
+  """load_diffusers_unet(module=...): the module is not the network the folder describes."""
+
+  def __init__(self, config_path: str, differences: List[str]):
+    self.config_path, self.differences = config_path, differences
+    super().__init__(f'the U-Net to load into differs from {config_path} (its value vs the '
+                     f'folder\'s): {"; ".join(differences)}.')
+
+
+def architecture_differences(a: 'SDUNet', b: 'SDUNet') -> List[str]:
+  """'sd_unet.FIELD: A vs B' for every architecture field where the two U-Nets differ."""
+  out = []
+  for attr, field in ARCHITECTURE:
+    va, vb = getattr(a, attr), getattr(b, attr)
+    va, vb = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (va, vb))
+    if va != vb:
+      out.append(f'sd_unet.{field}: {va!r} vs {vb!r}')
+  return out
+
+
 def load_diffusers_unet(folder: str, dtype: str = 'float32', remat: bool = False,
-                        attention_impl: str = '') -> Tuple[SDUNet, Dict[str, Any]]:
+                        attention_impl: str = '',
+                        module: Optional['SDUNet'] = None) -> Tuple[SDUNet, Dict[str, Any]]:
   """Loads a diffusers UNet2DConditionModel folder (config.json + safetensors).
 
   Args:
@@ -802,6 +840,9 @@ def load_diffusers_unet(folder: str, dtype: str = 'float32', remat: bool = False
       file holds.
     remat: rematerialise blocks in the backward pass (fine-tuning).
     attention_impl: '' (XLA) or 'cudnn' (jax.nn.dot_product_attention's fused GPU kernel).
+    module: load into this U-Net (e.g. models.create_model(config)'s, with its dtype, remat,
+      dropout and attention) instead of one built from the folder's config.json; dtype, remat
+      and attention_impl are then the module's. Its architecture must be the folder's.
 
   Returns:
     (module, params): `module.apply({'params': params}, x_nhwc, t, context=states,
@@ -809,8 +850,9 @@ def load_diffusers_unet(folder: str, dtype: str = 'float32', remat: bool = False
 
   Raises:
     FileNotFoundError: naming the missing file.
-    ValueError: an unsupported config (config_from_diffusers), or a wrongly shaped / unexpected
-      tensor (named); KeyError: a missing tensor (named).
+    ValueError: an unsupported config (config_from_diffusers), a `module` whose architecture
+      differs from the folder's (ArchitectureMismatch: every differing field, both values), or
+      a wrongly shaped / unexpected tensor (named); KeyError: a missing tensor (named).
   """
   config_path = os.path.join(folder, CONFIG_NAME)
   if not os.path.isfile(config_path):
@@ -819,6 +861,55 @@ def load_diffusers_unet(folder: str, dtype: str = 'float32', remat: bool = False
   with open(config_path, encoding='utf-8') as f:
     group = config_from_diffusers(json.load(f))
   group.attention_impl = attention_impl
-  module = create(group, dtype=dtype, remat=remat)
+  own = create(group, dtype=dtype, remat=remat)
+  if module is not None:
+    differences = architecture_differences(module, own)
+    if differences:
+      raise ArchitectureMismatch(config_path, differences)
+  module = own if module is None else module
   params = convert_state_dict(_read_weights(folder), module, folder)
   return module, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _one_or_per_block(values: Sequence[int]):
+  """An int when every block has the same value (as SD's config.json writes), else a list."""
+  values = [int(v) for v in values]
+  return values[0] if len(set(values)) == 1 else values
+
+
+def diffusers_config(module: SDUNet, sample_size: int = 0) -> Dict[str, Any]:
+  """The UNet2DConditionModel config.json of `module` (config_from_diffusers reads it back as
+  the same architecture; diffusers' from_pretrained builds the same network from it)."""
+  cfg = {k: v for k, v in _FIXED.items() if v is not None}
+  cfg.update(
+      in_channels=module.in_channels, out_channels=module.out_channels,
+      block_out_channels=[int(c) for c in module.block_out_channels],
+      down_block_types=list(module.down_block_types), up_block_types=list(module.up_block_types),
+      layers_per_block=_one_or_per_block(module.layers_per_block),
+      attention_head_dim=_one_or_per_block(module.num_attention_heads),
+      transformer_layers_per_block=_one_or_per_block(module.transformer_layers_per_block),
+      cross_attention_dim=int(module.cross_attention_dim),
+      use_linear_projection=bool(module.use_linear_projection),
+      norm_num_groups=int(module.norm_num_groups), norm_eps=float(module.norm_eps),
+      flip_sin_to_cos=bool(module.flip_sin_to_cos), freq_shift=module.freq_shift,
+      downsample_padding=int(module.downsample_padding), dropout=float(module.dropout))
+  if sample_size:
+    cfg['sample_size'] = int(sample_size)
+  return cfg
+
+
+def save_diffusers_unet(folder: str, module: SDUNet, params: Any, sample_size: int = 0) -> str:
+  """Writes `params` as a diffusers UNet2DConditionModel folder (config.json +
+  diffusion_pytorch_model.safetensors, float32), the inverse of `load_diffusers_unet`: a U-Net
+  trained or fine-tuned here becomes the unet/ of a Stable Diffusion folder that this code and
+  diffusers' from_pretrained read. Same argument order as models.autoencoder.save_diffusers.
+
+  Returns the folder.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  state = hf_port.export(params, diffusers_entries(module))
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, CONFIG_NAME), 'w', encoding='utf-8') as f:
+    json.dump(diffusers_config(module, sample_size), f, indent=2)
+  save_file(state, os.path.join(folder, WEIGHTS_NAME))
+  return folder

@@ -15,6 +15,7 @@ import pytest
 
 import config_lib
 from configs import default
+from tests import sd_folder
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,16 +128,22 @@ def test_every_experiment_config_is_valid_on_one_device(tmp_path):
            if f.endswith('.py') and f != '__init__.py']
   assert 'digits.py' in names and 'default.py' in names
   vae = _sd_vae_folder(str(tmp_path / 'sd-vae'))
+  sd = sd_folder.write_sd15_stub(str(tmp_path / 'sd15'))  # config files, empty weights
   latent = []
   for name in names:
     config = config_lib.load_config_file(os.path.join(ROOT, 'configs', name))
+    if config.model.pretrained and not os.path.isdir(config.model.pretrained):
+      with pytest.raises(config_lib.ConfigError, match='model.pretrained'):
+        config_lib.validate(config)
+      config.model.pretrained = sd
+      latent.append(name)
     if config.latent.autoencoder and not os.path.isdir(config.latent.autoencoder):
       with pytest.raises(config_lib.ConfigError, match='latent.autoencoder'):
         config_lib.validate(config)
       config.latent.autoencoder = vae
       latent.append(name)
     config_lib.validate(config)
-  assert 'dit_xl2.py' in latent
+  assert 'dit_xl2.py' in latent and 'sd15.py' in latent
 
 
 @pytest.mark.parametrize('key,value,field', [

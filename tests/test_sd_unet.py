@@ -22,6 +22,7 @@ from evaluation import check_sd_unet
 from models import autoencoder as ae
 from models import count_params
 from models import sd_unet
+from tests import sd_folder
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'sd_unet_reference.npz')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,20 +232,22 @@ def test_input_checks_name_the_field(loaded):
 
 
 def test_sd15_validates_once_its_schedule_exists(tmp_path):
-  """configs/sd15.py passes config_lib.validate given a VAE folder, once diffusion/schedules.py
-  registers 'scaled_linear'; until then validation names the schedule."""
+  """configs/sd15.py passes config_lib.validate given an SD 1.5 folder (its config files:
+  model.pretrained), once diffusion/schedules.py registers 'scaled_linear'; until then
+  validation names the schedule."""
   config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'sd15.py'))
-  vae = tmp_path / 'vae'
-  vae.mkdir()
-  (vae / 'config.json').write_text(json.dumps({'block_out_channels': [128, 256, 512, 512],
-                                               'latent_channels': 4, 'in_channels': 3}))
-  (vae / 'diffusion_pytorch_model.safetensors').write_bytes(b'')
-  config.latent.autoencoder = str(vae)
+  config.model.pretrained = sd_folder.write_sd15_stub(str(tmp_path / 'sd15'))
   if 'scaled_linear' not in config_lib.choices('schedule'):
     with pytest.raises(config_lib.ConfigError, match='scaled_linear'):
       config_lib.validate(config)
   else:
     config_lib.validate(config)
+  assert config.latent.autoencoder == os.path.join(config.model.pretrained, 'vae')
+  config.latent.channels = 3  # the folder's U-Net takes 4
+  with pytest.raises(config_lib.ConfigError, match='latent.channels'):
+    config_lib.validate(config)
+  config.latent.channels = 4
+  config.model.pretrained = ''  # latent.autoencoder and text.encoder stay as it filled them
   config.sd_unet.in_channels = 3
   with pytest.raises(config_lib.ConfigError, match='sd_unet.in_channels'):
     config_lib.validate(config)

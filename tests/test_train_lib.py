@@ -161,3 +161,10 @@ def test_ema_warmup_follows_litema_and_caps_at_the_rate():
   config.training.ema_warmup = True
   got = [float(train_lib.ema_decay(config, n)) for n in (0, 8, 10_000)]
   np.testing.assert_allclose(got, [0.1, 0.5, 0.99], rtol=1e-6)
+
+
+def test_adafactor_trains():
+  """optim.optimizer='adafactor' (factored second moments) takes two train steps."""
+  config = tiny_config(**{'optim.optimizer': 'adafactor', 'optim.warmup_steps': 0})
+  state, metrics = _one_step(config, jax.devices())
+  assert int(state.step) == 2 and np.isfinite(metrics['loss']) and metrics['grad_norm'] > 0
