@@ -195,7 +195,8 @@ def run_eval_mode(config, workdir, stop=None):
     result['bits_per_dim'] = bits_per_dim(config, model, schedule, params, ev.bpd_num_examples,
                                           stop=stop)
   # The folder's weights (step None) are recorded at step 0: metrics.jsonl's steps are numbers.
-  record = {'mode': 'eval', 'step': 0 if step is None else step, 'sampler': s.sampler, 'num_steps': s.num_steps,
+  record = {'mode': 'eval', 'step': 0 if step is None else step, 'sampler': s.sampler,
+            'num_steps': s.num_steps,
             'spacing': s.spacing, 'eta': s.eta, 'seed': s.seed, 'generate_seconds': gen_s,
             **result}
   if config.model.num_classes > 0 or prompts is not None:
