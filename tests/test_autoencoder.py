@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import safetensors.numpy
 
 from models import autoencoder_loss
 from evaluation import check_autoencoder
 from models import autoencoder as ae
 from models import count_params
+from tests import diffusers_folders
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'autoencoder_reference.npz')
 TOL = 1e-4
@@ -27,20 +27,12 @@ TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def reference():
-  with np.load(REFERENCE) as data:
-    ref = {k: data[k] for k in data.files}
-  ref['state'] = {k[len('weight/'):]: v for k, v in ref.items() if k.startswith('weight/')}
-  ref['config'] = json.loads(str(ref['config_json']))
-  ref['sd_keys'] = json.loads(str(ref['sd_keys_json']))
-  return ref
+  return diffusers_folders.load_reference(REFERENCE)
 
 
 def _write_folder(folder, config, state):
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, ae.CONFIG_NAME), 'w') as f:
-    json.dump(config, f)
-  safetensors.numpy.save_file(state, os.path.join(folder, ae.WEIGHTS_NAME))
-  return folder
+  return diffusers_folders.write_folder(folder, config, state, ae.CONFIG_NAME,
+                                        ae.WEIGHTS_NAME)
 
 
 @pytest.fixture(scope='module')

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 
 import config_lib
 import models
 from evaluation import check_sd_unet
 from models import autoencoder as ae
 from models import count_params
+from tests import diffusers_folders
 from models import sd_unet
 from tests import sd_folder
 
@@ -31,20 +31,12 @@ TOL = 1e-4
 
 @pytest.fixture(scope='module')
 def reference():
-  with np.load(REFERENCE) as data:
-    ref = {k: data[k] for k in data.files}
-  ref['state'] = {k[len('weight/'):]: v for k, v in ref.items() if k.startswith('weight/')}
-  ref['config'] = json.loads(str(ref['config_json']))
-  ref['sd_keys'] = json.loads(str(ref['sd_keys_json']))
-  return ref
+  return diffusers_folders.load_reference(REFERENCE)
 
 
 def _write_folder(folder, config, state):
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, sd_unet.CONFIG_NAME), 'w') as f:
-    json.dump(config, f)
-  safetensors.numpy.save_file(state, os.path.join(folder, sd_unet.WEIGHTS_NAME))
-  return folder
+  return diffusers_folders.write_folder(folder, config, state, sd_unet.CONFIG_NAME,
+                                        sd_unet.WEIGHTS_NAME)
 
 
 @pytest.fixture(scope='module')
