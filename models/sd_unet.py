@@ -66,6 +66,7 @@ import ml_collections
 import numpy as np
 
 from models import hf_port
+from models.autoencoder import Upsample  # diffusers' Upsample2D, shared with the VAE
 from models import layers
 from models.layers import default_init, timestep_embedding
 
@@ -421,17 +422,6 @@ class Downsample2D(nn.Module):
     return _conv(x.shape[-1], 3, self.dtype, 'conv', strides=2, padding=pad)(x)
 
 
-class Upsample2D(nn.Module):
-  """Nearest-neighbour 2x, then a 3x3 conv."""
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, height, width, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, height, 2, width, 2, c))
-    return _conv(c, 3, self.dtype, 'conv')(x.reshape(b, 2 * height, 2 * width, c))
-
-
 class Settings(NamedTuple):
   """What every block of one U-Net shares (hashable, so a Linen attribute)."""
   norm_num_groups: int = 32
@@ -513,7 +503,7 @@ class UpBlock(nn.Module):
       if self.cross:
         h = self.s.transformer(self.heads, self.depth, f'attentions_{j}')(h, context, mask)
     if self.add_upsample:
-      h = Upsample2D(self.s.dtype, name='upsamplers_0')(h)
+      h = Upsample(self.s.dtype, name='upsamplers_0')(h)
     return h
 
 
