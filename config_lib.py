@@ -232,29 +232,105 @@ def check_cascade(base_config, config):
                       f'{config.model.cond_channels}')
 
 
+def autoencoder_run(path):
+  """Whether `path` is the workdir of an autoencoder trained here (model.name 'autoencoder' in
+  its config.json), rather than a diffusers AutoencoderKL folder."""
+  run_config = os.path.join(path, 'config.json')
+  if not os.path.isfile(run_config) or os.path.isfile(
+      os.path.join(path, 'diffusion_pytorch_model.safetensors')):
+    return False
+  try:
+    with open(run_config) as f:
+      return json.load(f).get('model', {}).get('name') == 'autoencoder'
+  except (OSError, ValueError):
+    return False
+
+
+def _autoencoder_geometry(path):
+  """(downsampling factor, latent channels, image channels, description) of the autoencoder at
+  `path` (a trained run's workdir or a diffusers folder), checking that it is one."""
+  if autoencoder_run(path):
+    run = load_run_config(path)
+    _check(os.path.isdir(os.path.join(path, 'checkpoints')) and any(
+        n.isdigit() for n in os.listdir(os.path.join(path, 'checkpoints'))),
+           'latent.autoencoder', f'the autoencoder run {path} has no checkpoint yet: train it '
+           f'first (python main.py --config CONFIG --workdir {path})')
+    ae = run.autoencoder
+    return (2 ** (len(ae.block_out_channels) - 1), ae.latent_channels,
+            ae.in_channels or run.data.num_channels, f'the autoencoder run {path}')
+  for name in ('config.json', 'diffusion_pytorch_model.safetensors'):
+    _check(os.path.isfile(os.path.join(path, name)), 'latent.autoencoder',
+           f'{os.path.join(path, name)} not found: give the workdir of an autoencoder trained '
+           'here (model.name=autoencoder), a diffusers AutoencoderKL folder (e.g. a download of '
+           "stabilityai/sd-vae-ft-ema), or '' for pixel space")
+  with open(os.path.join(path, 'config.json')) as f:
+    cfg = json.load(f)
+  return (2 ** (len(cfg.get('block_out_channels', (0,))) - 1), cfg.get('latent_channels', 4),
+          cfg.get('in_channels', 3), path)
+
+
+def _check_autoencoder(config):
+  """model.name = 'autoencoder': its architecture and loss fit the data; nothing of a denoiser's
+  conditioning is asked of it."""
+  ae, al, d, m = config.autoencoder, config.autoencoder_loss, config.data, config.model
+  blocks = ae.block_out_channels
+  _check(len(blocks) > 0 and all(isinstance(c, int) and c > 0 for c in blocks),
+         'autoencoder.block_out_channels', f'must be a non-empty tuple of positive ints, got '
+         f'{blocks!r}')
+  _positive_int(config, 'autoencoder.layers_per_block')
+  _positive_int(config, 'autoencoder.latent_channels')
+  _positive_int(config, 'autoencoder.norm_num_groups')
+  bad = [c for c in blocks if c % ae.norm_num_groups]
+  _check(not bad, 'autoencoder.norm_num_groups', f'{ae.norm_num_groups} does not divide the '
+         f'channels {bad} of autoencoder.block_out_channels')
+  factor = 2 ** (len(blocks) - 1)
+  _check(d.image_size % factor == 0, 'data.image_size', f'{d.image_size} is not divisible by the '
+         f"autoencoder's downsampling 2**(len(autoencoder.block_out_channels)-1) = {factor}")
+  for f in ('in_channels', 'out_channels'):
+    _check(ae[f] in (0, d.num_channels), f'autoencoder.{f}',
+           f'{ae[f]} differs from data.num_channels = {d.num_channels}; use 0 (= the data\'s)')
+  _one_of(config, 'autoencoder.dtype', 'dtype')
+  _check(al.rec_loss in ('l1', 'l2'), 'autoencoder_loss.rec_loss', f"{al.rec_loss!r}: 'l1' or 'l2'")
+  _check(al.disc_loss in ('hinge', 'vanilla'), 'autoencoder_loss.disc_loss',
+         f"{al.disc_loss!r}: 'hinge' or 'vanilla'")
+  _check(al.disc_norm in ('group', 'none'), 'autoencoder_loss.disc_norm',
+         f"{al.disc_norm!r}: 'group' or 'none'")
+  _positive_int(config, 'autoencoder_loss.disc_num_layers')
+  _positive_int(config, 'autoencoder_loss.disc_channels')
+  _int_at_least(config, 'autoencoder_loss.disc_start', 0)
+  for f in ('autoencoder_loss.kl_weight', 'autoencoder_loss.disc_weight',
+            'autoencoder_loss.disc_factor'):
+    _number_in(config, f, 0.0, None)
+  if al.disc_factor > 0:
+    _check(d.image_size >= 2 ** (al.disc_num_layers + 2), 'autoencoder_loss.disc_num_layers',
+           f'{al.disc_num_layers} stride-2 layers leave no patch of a {d.image_size}-pixel '
+           'image; use fewer')
+  for field, value in (('latent.autoencoder', config.latent.autoencoder),
+                       ('model.num_classes', m.num_classes),
+                       ('model.cond_channels', m.cond_channels),
+                       ('model.context_dim', m.context_dim), ('model.pretrained', m.pretrained),
+                       ('data.low_res_size', d.low_res_size),
+                       ('eval.bpd_num_examples', config.eval.bpd_num_examples),
+                       ('sampling.init_image', config.sampling.init_image)):
+    _check(not value, field, 'does not apply to an autoencoder run (model.name=autoencoder); '
+           'leave it unset')
+
+
 def _check_latent(config):
-  """config.latent: the autoencoder folder is there and fits; returns the side of what the
-  model denoises (data.image_size, or its latent's)."""
+  """config.latent: the autoencoder (a trained run's workdir or a diffusers folder) is there
+  and fits; returns the side of what the model denoises (data.image_size, or its latent's)."""
   lat, d = config.latent, config.data
   if not lat.autoencoder:
     return d.image_size
-  folder = lat.autoencoder
-  for name in ('config.json', 'diffusion_pytorch_model.safetensors'):
-    _check(os.path.isfile(os.path.join(folder, name)), 'latent.autoencoder',
-           f'{os.path.join(folder, name)} not found: give a diffusers AutoencoderKL folder '
-           '(e.g. a download of stabilityai/sd-vae-ft-ema) or set it to \'\' for pixel space')
-  with open(os.path.join(folder, 'config.json')) as f:
-    cfg = json.load(f)
-  factor = 2 ** (len(cfg.get('block_out_channels', (0,))) - 1)
+  factor, channels, in_channels, what = _autoencoder_geometry(lat.autoencoder)
   _check(factor == lat.factor, 'latent.factor', f"{lat.factor} differs from the autoencoder's "
-         f'downsampling factor {factor} (2**(len(block_out_channels) - 1) in {folder})')
-  _check(cfg.get('latent_channels', 4) == lat.channels, 'latent.channels',
-         f"{lat.channels} differs from the autoencoder's latent_channels = "
-         f"{cfg.get('latent_channels', 4)}")
+         f'downsampling factor {factor} (2**(len(block_out_channels) - 1) of {what})')
+  _check(channels == lat.channels, 'latent.channels',
+         f"{lat.channels} differs from the latent_channels = {channels} of {what}")
   _check(d.image_size % factor == 0, 'data.image_size',
-         f'{d.image_size} is not divisible by the autoencoder\'s downsampling factor {factor}')
-  _check(cfg.get('in_channels', 3) == d.num_channels, 'data.num_channels',
-         f"{d.num_channels} differs from the autoencoder's in_channels = {cfg.get('in_channels')}")
+         f"{d.image_size} is not divisible by the downsampling factor {factor} of {what}")
+  _check(in_channels == d.num_channels, 'data.num_channels',
+         f"{d.num_channels} differs from the in_channels = {in_channels} of {what}")
   _number_in(config, 'latent.scale_factor', 0.0, None)
   _one_of(config, 'latent.dtype', 'dtype')
   s = config.sampling
@@ -570,6 +646,8 @@ def validate(config, *, num_devices=1, process_count=1):
     _check(m.context_dim == 0, 'model.context_dim', 'DiT takes no text condition; set 0')
   if m.name == 'sd_unet':
     _check_sd_unet(config, size)
+  if m.name == 'autoencoder':
+    _check_autoencoder(config)
   _check(d.low_res_size < d.image_size, 'data.low_res_size',
          f'{d.low_res_size} must be smaller than data.image_size = {d.image_size} (0 = off)')
   _check(m.cond_channels == 0 or d.low_res_size > 0, 'model.cond_channels',

@@ -1,10 +1,11 @@
 """Latent diffusion (Rombach et al. 2022): a frozen KL autoencoder between pixels and the model.
 
-With config.latent.autoencoder set to a diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema),
-training encodes each batch's images to z = (posterior sample - shift) * scale before the train
+With config.latent.autoencoder set to a diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema) or
+the workdir of an autoencoder trained here (model.name = 'autoencoder'), training encodes each batch's images to z = (posterior sample - shift) * scale before the train
 step, and sampling decodes z / scale + shift after the sampler; the diffusion model, its
 schedule, the trainer and the samplers see latents only and do not change. The scale is the
-folder's scaling_factor (SD: 0.18215) unless config.latent.scale_factor sets one; LDM's
+folder's (or the run's autoencoder.) scaling_factor (SD: 0.18215) unless config.latent.scale_factor
+sets one; LDM's
 scale_by_std (1 / std of the first batch's latents) is not implemented.
 
 The encoder runs in every train step, as in LDM: no cache to go stale when the data
@@ -13,12 +14,16 @@ folded into them (83M parameters for SD's VAE).
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
+import config_lib
+import experiment
 from models import autoencoder
+from models import autoencoder_loss
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,12 +57,27 @@ class LatentSpace:
     return self.module.apply({'params': params}, z, method='decode')
 
 
+def load_autoencoder(path: str, dtype: str = 'float32') -> Tuple[Any, Any]:
+  """(module, float32 params) of the autoencoder at `path`: a diffusers AutoencoderKL folder, or
+  the workdir of an autoencoder run (its newest checkpoint; the EMA params if that run's
+  sampling.use_ema, as its own --mode sample uses)."""
+  if not config_lib.autoencoder_run(path):
+    return autoencoder.load_diffusers(path, dtype=dtype)
+  run = config_lib.load_run_config(path)
+  run.autoencoder.dtype = dtype
+  module = autoencoder.create_autoencoder(run)
+  step, params = experiment.restore_params(run, path, use_ema=run.sampling.use_ema, module=module)
+  logging.info('autoencoder: %s at step %d (%s params)', path, step,
+               'EMA' if run.sampling.use_ema else 'raw')
+  return module, jax.device_get(params[autoencoder_loss.AUTOENCODER])
+
+
 def load(config) -> Optional[LatentSpace]:
   """The LatentSpace config.latent names, or None for pixel-space diffusion."""
   lat = config.latent
   if not lat.autoencoder:
     return None
-  module, params = autoencoder.load_diffusers(lat.autoencoder, dtype=lat.dtype)
+  module, params = load_autoencoder(lat.autoencoder, dtype=lat.dtype)
   scale = lat.scale_factor or module.scaling_factor
   shift = module.shift_factor if lat.shift_factor is None else lat.shift_factor
   return LatentSpace(module, params, float(scale), float(shift or 0.0), lat.sample_posterior)

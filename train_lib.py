@@ -34,6 +34,7 @@ import progress
 import sharding
 from diffusion import edm
 from diffusion import losses
+from models import autoencoder_loss
 
 
 @flax.struct.dataclass
@@ -128,15 +129,18 @@ def create_state(config, model, tx, mesh, params=None):
   return jax.jit(lambda p: init_state(config, model, tx, p), out_shardings=shardings)(params)
 
 
-def make_train_step(config, model, schedule, tx, conditioner=None):
-  """Returns the pure train_step(state, batch) -> (state, metrics)."""
+def diffusion_objective(config, model, schedule, conditioner=None):
+  """The denoising objective: objective(params, batch, rng, step) -> (loss, grads, metrics).
+
+  Noise the batch at uniform t (or EDM's log-normal sigma), regress the network's prediction;
+  conditions (labels, text) are dropped to their null with training.cond_dropout.
+  """
   d = config.diffusion
-  prediction = d.prediction
   cond_dropout = config.training.cond_dropout
   conditioner = conditioner or experiment.conditioner(config)
 
-  def train_step(state, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
+  def objective(params, batch, rng, step):
+    del step  # the noise comes from rng, which the train step folds the step into
     loss_rng, drop_rng, cond_rng = jax.random.split(rng, 3)
     conds = conditioner.drop(conditioner.from_batch(batch), cond_rng, cond_dropout)
 
@@ -148,9 +152,30 @@ def make_train_step(config, model, schedule, tx, conditioner=None):
         return edm.edm_loss(model_fn, batch['image'], loss_rng, sigma_data=d.sigma_data,
                             p_mean=d.p_mean, p_std=d.p_std).mean()
       return losses.diffusion_loss(schedule, model_fn, batch['image'], loss_rng,
-                                   prediction=prediction, min_snr_gamma=d.min_snr_gamma).mean()
+                                   prediction=d.prediction, min_snr_gamma=d.min_snr_gamma).mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return loss, grads, {}
+
+  return objective
+
+
+def objective(config, model, schedule, conditioner=None):
+  """What the run trains: an autoencoder's reconstruction (+ KL, + GAN) objective for
+  model.name = 'autoencoder' (models/autoencoder_loss.py), else the denoising one."""
+  if config.model.name == 'autoencoder':
+    return autoencoder_loss.make_train_objective(model, config)
+  return diffusion_objective(config, model, schedule, conditioner)
+
+
+def make_train_step(config, model, schedule, tx, conditioner=None):
+  """Returns the pure train_step(state, batch) -> (state, metrics): the objective's loss and
+  gradients, then the same update for every objective (clip, optimizer, EMA, non-finite skip)."""
+  loss_and_grads = objective(config, model, schedule, conditioner)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, grads, extra = loss_and_grads(state.params, batch, rng, state.step)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -164,8 +189,8 @@ def make_train_step(config, model, schedule, tx, conditioner=None):
         step=state.step + 1, params=keep(params, state.params),
         ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state),
         nonfinite_streak=streak, nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': (~ok).astype(jnp.float32),
-               'nonfinite_streak': streak}
+    metrics = {**extra, 'loss': loss, 'grad_norm': grad_norm,
+               'nonfinite': (~ok).astype(jnp.float32), 'nonfinite_streak': streak}
     return new_state, metrics
 
   return train_step

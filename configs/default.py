@@ -63,7 +63,7 @@ def get_config():
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
-  model.name = 'unet'  # registry name, see models/__init__.py
+  model.name = 'unet'  # 'unet' | 'dit' | 'sd_unet' | 'autoencoder' (models/__init__.py)
   model.ch = 64  # base channel count
   model.ch_mult = (1, 2, 2)  # channel multiplier per resolution level
   model.num_res_blocks = 2  # residual blocks per level (the up path has one more)
@@ -142,6 +142,40 @@ def get_config():
   # jax.nn.dot_product_attention's implementation: '' = XLA (any backend), 'cudnn' = cuDNN's fused
   # kernel (NVIDIA GPUs, model.dtype='bfloat16' only)
   sd.attention_impl = ''
+
+  # ---------------------------------------------------------------- KL autoencoder
+  # model.name = 'autoencoder' trains this autoencoder (models/autoencoder.py: diffusers'
+  # AutoencoderKL) with config.autoencoder_loss instead of a denoiser; a latent diffusion config
+  # then names the run's workdir in latent.autoencoder. Defaults: Stable Diffusion's VAE
+  # (83,653,863 parameters); tiny ones: configs/shapes_autoencoder.py, configs/digits_autoencoder.py.
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.in_channels = 0  # image channels; 0 = data.num_channels
+  ae.out_channels = 0  # reconstructed channels; 0 = data.num_channels
+  ae.block_out_channels = (128, 256, 512, 512)  # channels per level; downsampling 2**(levels-1)
+  ae.layers_per_block = 2  # resnets per encoder level (the decoder has one more)
+  ae.latent_channels = 4
+  ae.norm_num_groups = 32  # GroupNorm groups, exactly (must divide every level's channels)
+  ae.scaling_factor = 0.18215  # carried into a latent run: (z - shift_factor) * scaling_factor
+  ae.shift_factor = 0.0
+  ae.mid_block_add_attention = True  # self-attention in both mid blocks
+  ae.use_quant_conv = True  # 1x1 conv after the encoder
+  ae.use_post_quant_conv = True  # 1x1 conv before the decoder
+  ae.dtype = 'float32'  # compute dtype ('float32' | 'bfloat16'); params stay float32
+
+  # The autoencoder's objective (models/autoencoder_loss.py; LDM's kl-f8 defaults): summed L1 or
+  # L2 reconstruction + kl_weight * summed KL, and from step disc_start LDM's PatchGAN hinge loss
+  # with its adaptive weight. LPIPS, LDM's perceptual term, is left out: its VGG weights cannot be
+  # downloaded here.
+  config.autoencoder_loss = al = ml_collections.ConfigDict()
+  al.rec_loss = 'l1'  # 'l1' | 'l2'
+  al.kl_weight = 1e-6  # weight of the KL (nats, summed over latents)
+  al.disc_start = 50001  # step from which the GAN terms count (0 = from the start)
+  al.disc_weight = 0.5  # multiplies the adaptive weight
+  al.disc_factor = 1.0  # GAN factor once step >= disc_start (0 = no discriminator at all)
+  al.disc_loss = 'hinge'  # 'hinge' | 'vanilla' (softplus)
+  al.disc_num_layers = 3  # stride-2 convs of the PatchGAN (3: 70x70 receptive field)
+  al.disc_channels = 64  # width of its first conv (doubling per layer, at most 8x)
+  al.disc_norm = 'group'  # 'group' | 'none' (LDM: BatchNorm, which a pure loss cannot thread)
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

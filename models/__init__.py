@@ -3,7 +3,9 @@
 Adding an architecture: write a builder `(config) -> nn.Module` and name it in `_BUILDERS`.
 Every model is called as `model.apply(variables, x, t, train=False, y=None, cond=None)` (a text
 U-Net also takes context=, context_mask=) and returns a float32 prediction with x's shape.
-'sd_unet' is Stable Diffusion's U-Net (models/sd_unet.py, config.sd_unet);
+'sd_unet' is Stable Diffusion's U-Net (models/sd_unet.py, config.sd_unet); 'autoencoder' is not a
+denoiser but the KL autoencoder of latent diffusion (models/autoencoder.py, config.autoencoder),
+trained by the same trainer with its own objective (models/autoencoder_loss.py);
 `load_diffusers_unet(folder) -> (module, params)` reads a diffusers UNet2DConditionModel folder;
 `save_diffusers_unet(folder, module, params)` writes one.
 """
@@ -15,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import autoencoder
+from models import autoencoder_loss
 from models import dit
 from models import sd_unet
 from models.sd_unet import load_diffusers_unet, save_diffusers_unet  # noqa: F401  (public API)
@@ -51,8 +55,9 @@ def _build_sd_unet(config) -> nn.Module:
   return sd_unet.build(config, in_channels=input_shape(config)[-1])
 
 
-_BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {'unet': _build_unet, 'dit': _build_dit,
-                                                    'sd_unet': _build_sd_unet}
+_BUILDERS: Dict[str, Callable[[Any], nn.Module]] = {
+    'unet': _build_unet, 'dit': _build_dit, 'sd_unet': _build_sd_unet,
+    'autoencoder': autoencoder.create_autoencoder}
 
 
 def create_model(config) -> nn.Module:
@@ -81,6 +86,8 @@ def input_shape(config) -> tuple:
   model denoises latents too, before validation has filled latent.autoencoder from it."""
   size, channels = config.data.image_size, config.data.num_channels
   lat = config.get('latent')
+  if config.model.name == 'autoencoder':  # it maps images to images
+    return size, size, channels
   if lat is not None and (lat.autoencoder or config.model.get('pretrained', '')):
     return size // lat.factor, size // lat.factor, lat.channels
   return size, size, channels
@@ -126,8 +133,11 @@ def init_params(model: nn.Module, config, rng: jax.Array) -> Any:
     rng: a PRNG key.
 
   Returns:
-    The float32 params pytree (the 'params' collection).
+    The float32 params pytree (the 'params' collection); an autoencoder run's holds the
+    autoencoder and its discriminator (autoencoder_loss.init_train_params).
   """
+  if config.model.name == 'autoencoder':
+    return autoencoder_loss.init_train_params(model, config, rng)
   inputs = dummy_inputs(config)
   x, t = inputs.pop('x'), inputs.pop('t')
   init = jax.jit(lambda rng: model.init({'params': rng}, x, t, train=False, **inputs)['params'])

@@ -202,9 +202,10 @@ def make_loss_fns(autoencoder: nn.Module, config,
 
   Returns:
     LossFns(generator, discriminator):
-      generator(params, batch, rng, disc_params=None, step=0) -> (loss, metrics): differentiate
-        with respect to params (the autoencoder's). metrics: loss, rec_loss, kl_loss (per example,
-        nats), psnr (dB, batch mean), and with a discriminator g_loss, d_weight, disc_factor.
+      generator(params, batch, rng, disc_params=None, step=0, return_reconstruction=False) ->
+        (loss, metrics), or (loss, (metrics, reconstruction)): differentiate with respect to
+        params (the autoencoder's). metrics: loss, rec_loss, kl_loss (per example, nats), psnr
+        (dB, batch mean), and with a discriminator g_loss, d_weight, disc_factor.
       discriminator(disc_params, batch, rng, params, step=0, reconstruction=None) ->
         (loss, metrics): differentiate with respect to disc_params; reconstruction (the
         generator's, to skip a second autoencoder pass) defaults to one made with rng.
@@ -222,7 +223,7 @@ def make_loss_fns(autoencoder: nn.Module, config,
     recon, posterior = autoencoder.apply({'params': params}, x, rng)
     return recon, reconstruction_loss(x, recon, c.rec_loss), jnp.mean(posterior.kl())
 
-  def generator(params, batch, rng, disc_params=None, step=0):
+  def generator(params, batch, rng, disc_params=None, step=0, return_reconstruction=False):
     x = batch['image']
     if discriminator is None or disc_params is None:
       recon, rec, kl = rec_and_kl(params, x, rng)
@@ -245,7 +246,7 @@ def make_loss_fns(autoencoder: nn.Module, config,
       metrics = {'g_loss': g_loss, 'd_weight': d_weight, 'disc_factor': disc_factor}
     metrics.update(loss=loss, rec_loss=rec, kl_loss=kl,
                    psnr=jnp.mean(psnr(jax.lax.stop_gradient(recon), x)))
-    return loss, metrics
+    return loss, ((metrics, recon) if return_reconstruction else metrics)
 
   def disc(disc_params, batch, rng, params, step=0, reconstruction=None):
     if discriminator is None:
@@ -264,3 +265,63 @@ def make_loss_fns(autoencoder: nn.Module, config,
                   'logits_fake': jnp.mean(logits_fake), 'disc_factor': disc_factor}
 
   return LossFns(generator, disc)
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+AUTOENCODER, DISCRIMINATOR = 'autoencoder', 'discriminator'
+
+
+def uses_discriminator(config) -> bool:
+  """Whether the run trains a PatchGAN: autoencoder_loss.disc_factor > 0."""
+  return config.autoencoder_loss.disc_factor > 0
+
+
+def init_train_params(autoencoder: nn.Module, config, rng: jax.Array) -> Dict[str, Any]:
+  """The trained params of an autoencoder run: {'autoencoder': ..., 'discriminator': ...}, the
+  discriminator only with `uses_discriminator`. One tree, so that one optimizer, one EMA and one
+  checkpoint serve both (Adam is per parameter: one Adam over both equals LDM's two)."""
+  from models import autoencoder as ae_lib  # pylint: disable=g-import-not-at-top
+  ae_rng, d_rng = jax.random.split(rng)
+  params = {AUTOENCODER: ae_lib.init_params(autoencoder, ae_rng)}
+  if uses_discriminator(config):
+    size, ch = config.data.image_size, config.data.num_channels
+    params[DISCRIMINATOR] = init_discriminator(create_discriminator(config), d_rng,
+                                               (1, size, size, ch))
+  return params
+
+
+def make_train_objective(autoencoder: nn.Module, config) -> Callable[..., Tuple[Any, ...]]:
+  """The autoencoder's part of train_lib's train step.
+
+  Returns:
+    objective(params, batch, rng, step) -> (loss, grads, metrics): params as
+    `init_train_params`; grads has params' structure: the generator loss's gradient for the
+    autoencoder, the discriminator loss's for the discriminator (whose input reconstruction
+    carries no gradient), both from one autoencoder forward pass. loss is the generator's;
+    metrics add rec_loss, kl_loss, psnr and, with a discriminator, g_loss, d_weight,
+    disc_factor, d_loss, logits_real, logits_fake.
+  """
+  discriminator = create_discriminator(config) if uses_discriminator(config) else None
+  fns = make_loss_fns(autoencoder, config, discriminator)
+
+  def objective(params, batch, rng, step):
+    disc_params = params.get(DISCRIMINATOR)
+
+    def gen(ae_params):
+      return fns.generator(ae_params, batch, rng, disc_params, step, return_reconstruction=True)
+
+    (loss, (metrics, recon)), ae_grads = jax.value_and_grad(gen, has_aux=True)(
+        params[AUTOENCODER])
+    grads = {AUTOENCODER: ae_grads}
+    metrics = dict(metrics)
+    if discriminator is not None:
+      # The generator's reconstruction (its posterior draw), not a second autoencoder pass.
+      (_, d_metrics), d_grads = jax.value_and_grad(fns.discriminator, has_aux=True)(
+          disc_params, batch, rng, params[AUTOENCODER], step, reconstruction=recon)
+      grads[DISCRIMINATOR] = d_grads
+      metrics.update(d_metrics)
+    metrics.pop('loss', None)
+    return loss, grads, metrics
+
+  return objective
