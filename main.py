@@ -174,7 +174,9 @@ def main(argv):
       import eval_lib  # pylint: disable=g-import-not-at-top
       import latent_space  # pylint: disable=g-import-not-at-top
       import train_lib  # pylint: disable=g-import-not-at-top
-      latent = latent_space.load(config)  # read once, shared by the trainer and its hooks
+      # Read once, shared by the trainer and its hooks; latent.scale_by_std's scale is the
+      # workdir's, or fitted to the first batch now (a fresh run) so that the hooks have it too.
+      latent = latent_space.for_run(config, FLAGS.workdir)
       train_lib.train(config, FLAGS.workdir, latent=latent,
                       hooks=eval_lib.training_hooks(config, FLAGS.workdir, latent),
                       allow_config_change=FLAGS.allow_config_change)

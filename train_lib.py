@@ -354,7 +354,8 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
     allow_config_change: resume even though config.json differs.
     stop_after: stop (with a checkpoint) once this many steps are done, as if preempted;
       used by tests of exact resumption.
-    latent: the LatentSpace of a latent diffusion config (default: loaded from config.latent).
+    latent: the LatentSpace of a latent diffusion config (default: loaded from config.latent);
+      with latent.scale_by_std and no scale yet, it is fitted here (latent_space.for_run).
 
   Raises:
     config_lib.ConfigError: a bad config, a data source that cannot be read, a refused
@@ -412,8 +413,9 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
                    f'{models.count_params(state.params):,}',
                    f', initialised from {os.path.join(pretrained, "unet")}' if pretrained else '')
     _trim_metrics(workdir, step)
-    if latent is None:
-      latent = latent_space.load(config)
+    # latent.scale_by_std: the run's saved scale, or (a fresh run) fitted to the first batch and
+    # saved before the first checkpoint, so that every resumption encodes with the same value.
+    latent = latent_space.for_run(config, workdir, latent, fresh=restored is None, mesh=mesh)
     return _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop,
                  stop_after, list(hooks), pending, latent, conditioner)
   finally:
