@@ -260,6 +260,9 @@ def _check_latent(config):
          f'fits the scale to the first batch, latent.scale_factor = {lat.scale_factor} sets it: '
          'set one of them (latent.scale_factor=0 with scale_by_std)')
   _one_of(config, 'latent.dtype', 'dtype')
+  _check(not (lat.cache and d.random_flip), 'data.random_flip',
+         'flipped images are not the cached ones: a latent cache (latent.cache) needs fixed data; '
+         'set --config.data.random_flip=false, or latent.cache=false to encode every step')
   s = config.sampling
   _check(not s.clip_x0, 'sampling.clip_x0', 'must be false with latent diffusion: latents are '
          'not bounded to [-1, 1] (set --config.sampling.clip_x0=false)')

@@ -82,6 +82,7 @@ def test_the_model_denoises_latents_and_sampling_decodes_them(tmp_path):
     ({'sampling.clip_x0': True}, 'sampling.clip_x0'),
     ({'sampling.cond_image': 'x.png'}, 'sampling.cond_image'),
     ({'latent.scale_by_std': True, 'latent.scale_factor': 0.2}, 'latent.scale_by_std'),
+    ({'latent.cache': True, 'data.random_flip': True}, 'data.random_flip'),
     ({'data.image_size': 6}, 'data.image_size'),  # 2x down: the latent side 3 has no 2 levels
     ({'latent.factor': 8}, 'latent.factor'),  # the folder's VAE downsamples 2x
     ({'latent.channels': 3}, 'latent.channels'),
@@ -170,3 +171,88 @@ def test_latent_inputs_of_the_wrong_shape_name_the_field(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r'sampling\.mask'):
     sample_lib.sample_images(config, model, schedule, params, 4, seed=0, init_images=images,
                              mask=np.ones((4, 4, 4, 1), np.float32))
+
+
+# ----------------------------------------------------------------- scale_by_std
+
+
+def test_scale_by_std_is_fitted_once_saved_and_used_by_resumes_and_hooks(tmp_path):
+  import data as data_lib  # pylint: disable=g-import-not-at-top
+  _vae_folder(tmp_path / 'vae')
+  config = _latent_config(tmp_path / 'vae', **{
+      'latent.scale_by_std': True, 'training.num_steps': 4})
+  config_lib.validate(config)
+  assert latent_space.load(config).scale is None  # not known before the run
+  with pytest.raises(config_lib.ConfigError, match=r'latent\.scale_by_std'):
+    latent_space.load(config).decode(None, np.zeros((1, 4, 4, 4), np.float32))
+
+  # What the scale must be: 1 / std of step 0's latents of the first batch.
+  latent = latent_space.load(config).with_scale(1.0)
+  first = next(data_lib.get_dataset(config))['image']
+  z = latent.encode(latent.params, first, jax.random.fold_in(latent_space.encoder_key(config), 0))
+  expected = 1 / np.std(np.asarray(z, np.float64), ddof=1)
+
+  full = str(tmp_path / 'full')
+  # A training hook built before the run (as main.py does) fits and saves the scale: it has it.
+  hook = sample_lib.GridHook(config, full)
+  saved = latent_space.read_scale(full)
+  np.testing.assert_allclose(saved['scale'], expected, rtol=1e-5)
+  assert hook._latent.scale == saved['scale']  # pylint: disable=protected-access
+  state = train_lib.train(config, full)
+  assert latent_space.read_scale(full) == saved  # not refitted
+  assert latent_space.load(config, full).scale == saved['scale']  # --mode sample / eval's
+
+  # Killed after step 2 and resumed: the saved scale, so bit for bit the uninterrupted run.
+  split = str(tmp_path / 'split')
+  train_lib.train(config, split, stop_after=2)
+  assert latent_space.read_scale(split)['scale'] == saved['scale']
+  resumed = train_lib.train(config, split)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
+               jax.device_get(state.params))
+
+  # A run with checkpoints but no saved scale cannot know the value it trained on.
+  os.remove(os.path.join(split, latent_space.SCALE_FILE))
+  with pytest.raises(config_lib.ConfigError, match=r'latent\.scale_factor=VALUE'):
+    latent_space.for_run(config, split)
+
+
+# ----------------------------------------------------------------- the latent cache
+
+
+def test_training_from_the_latent_cache_equals_encoding_every_step(tmp_path):
+  import latent_cache  # pylint: disable=g-import-not-at-top
+  import progress  # pylint: disable=g-import-not-at-top
+  _vae_folder(tmp_path / 'vae')
+  config = _latent_config(tmp_path / 'vae', **{'training.num_steps': 3,
+                                               'training.checkpoint_every': 3})
+  cached = _latent_config(tmp_path / 'vae', **{'training.num_steps': 3,
+                                               'training.checkpoint_every': 3,
+                                               'latent.cache': True})
+  config_lib.validate(cached)
+  work = str(tmp_path / 'cached')
+  with pytest.raises(config_lib.ConfigError, match='cache_latents'):
+    train_lib.train(cached, work)
+  # A stop between batches leaves nothing behind.
+  with pytest.raises(progress.Interrupted):
+    latent_cache.build(cached, work, stop=lambda: True)
+  assert not os.listdir(os.path.join(work, 'latent_cache'))
+  path = latent_cache.build(cached, work)
+  cache = latent_cache.LatentCache(path)
+  latent = latent_space.load(config)
+  images = next(__import__('data').get_dataset(config, batch_size=4, process_index=0,
+                                               process_count=1, shuffle=False))['image']
+  mean, logvar = latent.moments(latent.params, images)
+  rows = cache.rows(np.arange(4))
+  # The encoder at another batch shape (16 rows over 8 devices vs 4 unsharded): round-off.
+  np.testing.assert_allclose(rows['mean'], mean, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(rows['logvar'], logvar, rtol=0, atol=1e-4)
+  # Another preprocessing or autoencoder has another cache.
+  other = _latent_config(tmp_path / 'vae', **{'latent.cache': True, 'data.crop': 'center'})
+  assert latent_cache.folder(other, work) != path
+
+  on_the_fly = train_lib.train(config, str(tmp_path / 'fly'))
+  from_cache = train_lib.train(cached, work)
+  # Same posterior draws (the step's key on the same moments): equal to float32 round-off (the
+  # encoder ran in two programs of other batch shapes, and the draw alone or fused with it).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               jax.device_get(from_cache.params), jax.device_get(on_the_fly.params))
