@@ -213,10 +213,11 @@ def for_run(config, workdir, latent=None, *, fresh=None, first_images=None, mesh
   if not scale > 0 or scale == float('inf'):
     raise config_lib.ConfigError(f'config.latent.scale_by_std: the first batch\'s latents have '
                                  f'std {std}; set latent.scale_factor instead')
-  record = {'scale': scale, 'std': std, 'num_latents': int(first_images.shape[0]),
+  record = {'scale': scale, 'std': std, 'num_images': int(first_images.shape[0]),
             'autoencoder': str(config.latent.autoencoder), 'shift': latent.shift,
             'rule': '1 / std (ddof 1) of the first training batch\'s latents at step 0'}
-  logging.info('latent.scale_by_std: the first batch\'s %d latents have std %.6g: scale %.6g '
+  logging.info('latent.scale_by_std: the latents of the first batch (%d images) have std %.6g: '
+               'scale %.6g '
                '(saved in %s)', first_images.shape[0], std, scale, path)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
