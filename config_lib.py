@@ -332,11 +332,19 @@ def _check_latent(config):
   _check(in_channels == d.num_channels, 'data.num_channels',
          f"{d.num_channels} differs from the in_channels = {in_channels} of {what}")
   _number_in(config, 'latent.scale_factor', 0.0, None)
+  _check(not (lat.scale_by_std and lat.scale_factor), 'latent.scale_by_std',
+         f'fits the scale to the first batch, latent.scale_factor = {lat.scale_factor} sets it: '
+         'set one of them (latent.scale_factor=0 with scale_by_std)')
   _one_of(config, 'latent.dtype', 'dtype')
+  _check(not (lat.cache and d.random_flip), 'data.random_flip',
+         'flipped images are not the cached ones: a latent cache (latent.cache) needs fixed data; '
+         'set --config.data.random_flip=false, or latent.cache=false to encode every step')
   s = config.sampling
   _check(not s.clip_x0, 'sampling.clip_x0', 'must be false with latent diffusion: latents are '
          'not bounded to [-1, 1] (set --config.sampling.clip_x0=false)')
-  for field, value in (('sampling.init_image', s.init_image), ('sampling.cond_image', s.cond_image),
+  # img2img and inpainting (sampling.init_image, mask) work in latent space (sample_lib); these
+  # do not yet: the condition image would need encoding, and the bound is over pixels.
+  for field, value in (('sampling.cond_image', s.cond_image),
                        ('sampling.cascade_base_workdir', s.cascade_base_workdir),
                        ('model.cond_channels', config.model.cond_channels),
                        ('eval.bpd_num_examples', config.eval.bpd_num_examples)):

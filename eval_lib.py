@@ -184,7 +184,7 @@ def run_eval_mode(config, workdir, stop=None):
   t0 = time.time()
   prompts = eval_prompts(config, ev.num_samples)
   images = eval_samples(config, model, schedule, params, ev.num_samples, stop=stop,
-                        prompts=prompts)
+                        prompts=prompts, latent=latent_space.load(config, workdir))
   gen_s = time.time() - t0
   # Every process embeds its share of the samples; the metrics are computed from all of them.
   result = fid_kid(images, ref, inception_params, batch_size=ev.batch_size,
@@ -237,10 +237,11 @@ class FidHook:
 
 def training_hooks(config, workdir, latent=None):
   """The periodic work config.training declares, for train_lib.train(..., hooks=...); `latent`
-  (a latent_space.LatentSpace) is shared rather than read again (default: from config.latent)."""
+  (a latent_space.LatentSpace) is shared rather than read again (default: the run's,
+  latent_space.for_run, which fits and saves latent.scale_by_std's scale on a fresh run)."""
   hooks = []
   if latent is None and (config.training.sample_every > 0 or config.training.eval_every > 0):
-    latent = latent_space.load(config)
+    latent = latent_space.for_run(config, workdir)
   if config.training.sample_every > 0:
     hooks.append(sample_lib.GridHook(config, workdir, latent))
   if config.training.eval_every > 0:

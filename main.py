@@ -7,6 +7,8 @@ Modes:
               (both: with config.model.pretrained, a Stable Diffusion folder, and no checkpoint
               in --workdir yet, its unet/ weights; `train` starts from them)
   fid_stats   compute and cache the Inception statistics of the dataset
+  cache_latents  latent diffusion with fixed data: encode the training split once into
+              WORKDIR/latent_cache (posterior moments); --config.latent.cache=true trains from it
   prepare     download and prepare a tfds dataset (needs internet and TensorFlow)
 
 Any config field can be overridden: --config.optim.lr=1e-4. A mistyped field, a bad value or a
@@ -65,7 +67,8 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file',
                                           lock_config=True)
 flags.DEFINE_string('workdir', None, 'run directory: checkpoints/, samples/, metrics.jsonl')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid_stats', 'prepare'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid_stats', 'cache_latents',
+                                     'prepare'],
                   'what to do')
 flags.DEFINE_bool('allow_config_change', False,
                   'resume a workdir whose saved config differs from this one')
@@ -167,14 +170,17 @@ def main(argv):
   # Long modes other than train stop at their next batch on SIGTERM / SIGINT (train installs
   # its own handler, which saves a checkpoint first).
   stop = None
-  if FLAGS.mode in ('sample', 'eval', 'fid_stats') and jax.process_count() == 1:
+  if (FLAGS.mode in ('sample', 'eval', 'fid_stats', 'cache_latents') and
+      jax.process_count() == 1):
     stop = progress.StopRequest()
   try:
     if FLAGS.mode == 'train':
       import eval_lib  # pylint: disable=g-import-not-at-top
       import latent_space  # pylint: disable=g-import-not-at-top
       import train_lib  # pylint: disable=g-import-not-at-top
-      latent = latent_space.load(config)  # read once, shared by the trainer and its hooks
+      # Read once, shared by the trainer and its hooks; latent.scale_by_std's scale is the
+      # workdir's, or fitted to the first batch now (a fresh run) so that the hooks have it too.
+      latent = latent_space.for_run(config, FLAGS.workdir)
       train_lib.train(config, FLAGS.workdir, latent=latent,
                       hooks=eval_lib.training_hooks(config, FLAGS.workdir, latent),
                       allow_config_change=FLAGS.allow_config_change)
@@ -187,6 +193,9 @@ def main(argv):
     elif FLAGS.mode == 'fid_stats':
       import eval_lib  # pylint: disable=g-import-not-at-top
       eval_lib.reference_stats(config, recompute=True, stop=stop)
+    elif FLAGS.mode == 'cache_latents':
+      import latent_cache  # pylint: disable=g-import-not-at-top
+      print(latent_cache.build(config, FLAGS.workdir, stop=stop))
     elif FLAGS.mode == 'prepare':
       print(data_lib.prepare(config))
   except progress.Interrupted as e:

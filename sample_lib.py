@@ -13,6 +13,8 @@ runs inside it, so a sampler and step count compile once.
   inpainting           init_image + mask (white = known): the known pixels are replaced by their
                        forward-noised version after every step and kept exactly in the output;
                        resample > 1 adds RePaint's resampling
+                       (latent diffusion: both in latent space, see compile_sampler; strength 0
+                       returns decode(encode(input)), inpainting keeps the known latents)
   super-resolution     image-conditional models: cond_image, or the dataset's low_res images
   text-to-image        text models: prompt, or prompts_file (one per line), or the dataset's
                        captions; guidance_scale, negative_prompt; the grid prints each prompt
@@ -64,7 +66,11 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
   """A jitted (params, rng, conds, batch_size, images, mask) -> images in [-1, 1].
 
   With `latent` (latent_space.LatentSpace) the sampler runs on latents and the result is decoded;
-  the autoencoder's params enter the compiled program as an argument, not as constants.
+  the autoencoder's params enter the compiled program as an argument, not as constants. The
+  inputs stay pixels (`images` [B, H, W, C], `mask` [B, H, W, 1 or C]): img2img and inpainting
+  encode `images` to their posterior mean (latent_space.LatentSpace.encode_mean) and inpainting
+  keeps the latent cells that latent_space.latent_mask (min-pool) calls known; the known pixels
+  come back through the decoder, close to the input but not equal to it.
 
   task 'sample' starts from N(0, I) and ignores images, mask, strength and resample;
   'img2img' starts from `images` noised to `strength` (SDEdit); 'inpaint' starts from noise and
@@ -86,6 +92,10 @@ def compile_sampler(config, model, schedule, conditioner, mesh, *, sampler, num_
     model_fn = conditioning.guided_model_fn(apply, conditioner, conds, guidance_scale,
                                             null_conds)
     extra = {}
+    if latent is not None and task != 'sample':
+      images = latent.encode_mean(ae_params, images)  # [B, h, w, L]
+      if task == 'inpaint':
+        mask = latent_space.latent_mask(mask, config.latent.factor)  # [B, h, w, 1]
     if task == 'img2img':
       x_init = images
       extra['strength'] = strength
@@ -230,14 +240,15 @@ def sample_images(config, model, schedule, params, num_samples, *, seed, mesh=No
   if init_images is not None:
     init_images = np.asarray(init_images, np.float32)
     if init_images.shape[1:] != (size, size, ch):
-      raise config_lib.ConfigError(f'input images of shape {init_images.shape[1:]} do not match '
-                                   f'the model\'s images ({size}, {size}, {ch})')
+      raise config_lib.ConfigError(f'config.sampling.init_image: input images of shape '
+                                   f'{init_images.shape[1:]} do not match the model\'s images '
+                                   f'({size}, {size}, {ch}) (data.image_size, num_channels)')
     init_images = _cycle(init_images, num_samples)
   if mask is not None:
     mask = np.asarray(mask, np.float32)
     if mask.ndim != 4 or mask.shape[1:3] != (size, size) or mask.shape[3] not in (1, ch):
-      raise config_lib.ConfigError(f'mask of shape {mask.shape} does not match the images '
-                                   f'[N, {size}, {size}, 1 or {ch}]')
+      raise config_lib.ConfigError(f'config.sampling.mask: mask of shape {mask.shape} does not '
+                                   f'match the images [N, {size}, {size}, 1 or {ch}]')
     mask = _cycle(mask, num_samples)
   if conds is None:
     conds = default_conds(config, num_samples, cond=cond, labels=labels)
@@ -343,7 +354,7 @@ class GridHook:
     self._model = experiment.model(config)
     self._schedule = experiment.schedule(config)
     # Loaded once, not at every grid (or given by training_hooks, shared with the FID hook).
-    self._latent = latent if latent is not None else latent_space.load(config)
+    self._latent = latent if latent is not None else latent_space.for_run(config, workdir)
     self._prompt_list = None
 
   def _prompts(self):
@@ -485,8 +496,9 @@ def run_sample_mode(config, workdir, stop=None):
       arrays['prompts'] = np.asarray(kwargs['prompts'])
       if s.negative_prompt:
         arrays['negative_prompt'] = np.asarray(s.negative_prompt)
+    # The workdir's own latent space: with latent.scale_by_std, the scale that run saved.
     images = sample_images(config, model, experiment.schedule(config), params, n, seed=s.seed,
-                           stop=stop, **kwargs)
+                           stop=stop, latent=latent_space.load(config, workdir), **kwargs)
 
   if config.model.num_classes > 0:
     arrays['labels'] = conditioning.sampling_labels(config, n)

@@ -28,6 +28,7 @@ import checkpoints
 import config_lib
 import data as data_lib
 import experiment
+import latent_cache
 import latent_space
 import models
 import progress
@@ -379,7 +380,8 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
     allow_config_change: resume even though config.json differs.
     stop_after: stop (with a checkpoint) once this many steps are done, as if preempted;
       used by tests of exact resumption.
-    latent: the LatentSpace of a latent diffusion config (default: loaded from config.latent).
+    latent: the LatentSpace of a latent diffusion config (default: loaded from config.latent);
+      with latent.scale_by_std and no scale yet, it is fitted here (latent_space.for_run).
 
   Raises:
     config_lib.ConfigError: a bad config, a data source that cannot be read, a refused
@@ -401,8 +403,10 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
       # A text model's caption states are encoded once, before the loop (captions.py).
       text_cache = (captions.build_cache(config, workdir)
                     if config.model.get('context_dim', 0) > 0 else None)
-      ds = (data_lib.get_dataset(config) if text_cache is None else
-            data_lib.get_dataset(config, captions=text_cache))
+      # latent.cache: batches carry each example's index, its row in the latent cache.
+      cache = (latent_cache.open_cache(config, workdir)
+               if config.latent.autoencoder and config.latent.cache else None)
+      ds = data_lib.get_dataset(config, captions=text_cache, index=cache is not None)
     except ValueError as e:
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
     conditioner = experiment.conditioner(config, text_cache.null if text_cache else None)
@@ -437,35 +441,50 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
                    f'{models.count_params(state.params):,}',
                    f', initialised from {os.path.join(pretrained, "unet")}' if pretrained else '')
     _trim_metrics(workdir, step)
-    if latent is None:
-      latent = latent_space.load(config)
+    # latent.scale_by_std: the run's saved scale, or (a fresh run) fitted to the first batch and
+    # saved before the first checkpoint, so that every resumption encodes with the same value.
+    latent = latent_space.for_run(config, workdir, latent, fresh=restored is None, mesh=mesh)
     return _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop,
-                 stop_after, list(hooks), pending, latent, conditioner)
+                 stop_after, list(hooks), pending, latent, conditioner, cache)
   finally:
     mngr.wait_until_finished()
     mngr.close()
     stop.restore()
 
 
-def _latent_encoder(config, latent, mesh):
-  """(images, step) -> latents for latent diffusion (None in pixel space): the frozen
-  autoencoder's encoder, jitted once, its params an argument; the posterior noise of step s is
-  fold_in(latent_space.encoder_key, s), so resumption stays exact."""
+def _latent_encoder(config, latent, mesh, cache=None):
+  """(global batch, step) -> the batch with 'image' the model's latents, for latent diffusion
+  (None in pixel space): the frozen autoencoder's encoder, jitted once, its params an argument;
+  or with a latent cache, a posterior sample from the batch's cached 'mean' and 'logvar'
+  (latent_cache.py). The posterior noise of step s is fold_in(latent_space.encoder_key, s)
+  either way, so resumption stays exact and the cache draws what the encoder would."""
   if latent is None:
     return None
-  params = jax.device_put(latent.params, sharding.replicated(mesh))
   key = latent_space.encoder_key(config)
+  if cache is not None:
+    sample = jax.jit(latent.from_moments)
+
+    def from_cache(batch, step):
+      batch = dict(batch)
+      batch['image'] = sample(batch.pop('mean'), batch.pop('logvar'),
+                              jax.random.fold_in(key, step))
+      return batch
+    return from_cache
+  params = jax.device_put(latent.params, sharding.replicated(mesh))
   encode = jax.jit(latent.encode)
-  return lambda images, step: encode(params, images, jax.random.fold_in(key, step))
+
+  def from_images(batch, step):
+    return dict(batch, image=encode(params, batch['image'], jax.random.fold_in(key, step)))
+  return from_images
 
 
 def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, stop, stop_after,
-          hooks, pending, latent=None, conditioner=None):
+          hooks, pending, latent=None, conditioner=None, cache=None):
   """The training loop of `train`, from `state` at `step`; returns the last state."""
   tc = config.training
   k = tc.steps_per_dispatch
   step_fn, rows = compile_train_step(config, model, schedule, tx, mesh, conditioner)
-  to_latent = _latent_encoder(config, latent, mesh)
+  to_latent = _latent_encoder(config, latent, mesh, cache)
   lr_at = learning_rate(config)
   writer = MetricWriter(workdir)
   end = tc.num_steps if stop_after is None else min(tc.num_steps, stop_after)
@@ -534,9 +553,12 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
     while step < end:
       local = [next(ds) for _ in range(k)]
       local = local[0] if k == 1 else {key: np.stack([b[key] for b in local]) for key in local[0]}
+      if cache is not None:  # the cached moments replace the images (not sent to the devices)
+        local.pop('image')
+        local.update(cache.rows(local.pop('index')))
       batch = sharding.from_process_rows(local, rows)
       if to_latent is not None:
-        batch['image'] = to_latent(batch['image'], step)
+        batch = to_latent(batch, step)
       if step == start_step and jax.process_count() > 1:
         # Compile, then wait for every process: the first cross-process collective gives up
         # if the processes reach it far apart (CPU gloo: 30 s), as uneven compile times can.

@@ -55,6 +55,16 @@ def get_config():
   config.latent = latent = ml_collections.ConfigDict()
   latent.autoencoder = ''  # diffusers AutoencoderKL folder (config.json + safetensors); '' = pixels
   latent.scale_factor = 0.0  # z_model = (z - shift) * scale; 0 = the folder's scaling_factor
+  # LDM's scale_by_std: scale = 1 / std of the first training batch's latents (step 0's posterior
+  # samples, every element, shift removed), fitted once when a run starts (scale_factor must be
+  # 0), logged and saved as WORKDIR/latent_scale.json; resumes, --mode sample / eval and the
+  # training grids / FID of that workdir read it from there.
+  latent.scale_by_std = False
+  # Train from WORKDIR/latent_cache (built once by `--mode cache_latents`, latent_cache.py): each
+  # example's posterior mean and logvar, so the encoder does not run in the train step; every
+  # step still draws its own posterior sample (keyed by the step, as without the cache). Needs
+  # fixed data (data.random_flip = False); the cache's name hashes the autoencoder and config.data.
+  latent.cache = False
   latent.shift_factor = config_dict.placeholder(float)  # None = the folder's (SD: 0)
   latent.factor = 8  # the autoencoder's downsampling (2**(levels - 1)); SD's VAE: 8
   latent.channels = 4  # its latent channels; SD's VAE: 4

@@ -40,6 +40,8 @@ class DataIterator:
     'low_res' float32 [b, s, s, C] in [-1, 1], only when config.data.low_res_size > 0.
     'caption_id' int32 [b], 'context' float32 [b, L, D], 'context_mask' bool [b, L]: with a
       caption cache (text models), one caption of the example and its cached token states.
+    'index'   int32 [b], with index=True: each example's position in the split's source (the
+      row of a latent cache, latent_cache.py).
   """
 
   def __init__(self, dataset, meta):
@@ -103,6 +105,22 @@ class _Captioned:
     return example
 
 
+class _Indexed:
+  """A source whose examples also carry their own index ('index')."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    example = self._source[index]
+    if example is not None:
+      example = dict(example, index=index)
+    return example
+
+
 def _element_fn(config, *, low_res_size, flip):
   """The per-example function: source dict -> uint8 'image' (+ 'low_res'), int32 'label'
   (+ int32 'caption_id', one of the example's captions, picked with the element's rng)."""
@@ -122,6 +140,8 @@ def _element_fn(config, *, low_res_size, flip):
       ids = example['caption_ids']
       # grain seeds rng from the element's position: the pick is a function of the step.
       out['caption_id'] = np.int32(ids[rng.integers(len(ids))] if len(ids) > 1 else ids[0])
+    if 'index' in example:
+      out['index'] = np.int32(example['index'])
     return out
 
   return fn
@@ -141,7 +161,7 @@ def _batch_fn(uint8, captions=None):
 
 def get_dataset(config, *, split=None, batch_size=None, process_index=None, process_count=None,
                 shuffle=True, repeat=True, drop_remainder=True, seed=None, uint8=False,
-                augment=None, num_threads=None, captions=None):
+                augment=None, num_threads=None, captions=None, index=False):
   """The input iterator of one process.
 
   Args:
@@ -161,6 +181,8 @@ def get_dataset(config, *, split=None, batch_size=None, process_index=None, proc
     num_threads: grain reader threads in each process; default 2 per core (up to 16).
     captions: a captions.CaptionCache of this split (text models): batches then carry each
       example's caption id and its cached token states.
+    index: batches also carry 'index', each example's position in the split (the stream and
+      the other fields do not change).
 
   Returns:
     A DataIterator (next() -> dict of numpy arrays; get_state() / set_state()).
@@ -197,6 +219,8 @@ def get_dataset(config, *, split=None, batch_size=None, process_index=None, proc
   source = sources.make_source(config, split)
   if captions is not None:
     source = _Captioned(source, captions)
+  if index:
+    source = _Indexed(source)
   if len(source) < process_count:
     raise ValueError(f'{d.dataset} split {split!r} has {len(source)} examples, fewer than the '
                      f'{process_count} processes reading it')
