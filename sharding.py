@@ -30,7 +30,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # the first conv of a 3-channel input) hold a few KiB each, so sharding them saves almost no
 # memory, while each sharded leaf costs an all-gather and a reduce-scatter per step whose time
 # is latency, not bandwidth. 2**10 float32 = 4 KiB: in the DDPM CIFAR-10 U-Net the leaves
-# below it are its biases and norms, about 0.1% of its 35.7M parameters.
+# below it (biases, norm scales, the 3-channel conv_in / conv_out) are 203 of its 304 leaves
+# but 0.15% of its 35.7M parameters, and all its other leaves divide by 8 devices.
 FSDP_MIN_SIZE = 2 ** 10
 
 
