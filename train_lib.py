@@ -197,7 +197,9 @@ def compile_train_step(config, model, schedule, tx, mesh, conditioner=None):
   """jit with explicit shardings: state as `abstract_state` lays it out (replicated, or FSDP)
   and donated, batch split on 'data'. Under FSDP no code changes: given the state's shardings,
   XLA's SPMD partitioner all-gathers each weight where the forward and backward use it and
-  reduce-scatters its gradient to the shards that the optimizer updates."""
+  reduces its gradient to the shards that the optimizer updates (XLA:CPU, measured: an
+  all-reduce, then each device's slice, not a reduce-scatter; so a step there still holds one
+  whole gradient per device)."""
   k = config.training.steps_per_dispatch
   # XLA:CPU runs this step ~9x slower inside a while loop than outside one (digits U-Net,
   # bench/RESULTS.md; cf. jax-ml/jax#12868), so on the CPU the k steps are written out in full:
