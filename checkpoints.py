@@ -41,10 +41,17 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.Chec
   return ocp.CheckpointManager(directory(workdir), options=options)
 
 
+def sharded_target(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `shapes` (a pytree from jax.eval_shape) with `shardings` (a pytree of
+  the same structure): the restore target. Explicit shardings let a checkpoint saved on one
+  device count, or with another layout (replicated or FSDP), restore on another (Orbax would
+  otherwise reuse the shardings recorded at save time)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
 def replicated_target(shapes: Any, mesh) -> Any:
-  """ShapeDtypeStructs of `shapes` (a pytree from jax.eval_shape) replicated over `mesh`: the
-  restore target. Explicit shardings let a checkpoint saved on one device count restore on
-  another (Orbax would otherwise reuse the shardings recorded at save time)."""
+  """`sharded_target` with every leaf replicated over `mesh`."""
   rep = sharding_lib.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
@@ -90,7 +97,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, target: Any, extra: Optiona
 
   Args:
     mngr: the manager.
-    target: the abstract TrainState (`replicated_target`).
+    target: the abstract TrainState (`sharded_target`: replicated, or FSDP's layout).
     extra: {item name: default} of JSON items a run keeps beside the state (a checkpoint written
       before an item existed restores with the default).
 

@@ -90,7 +90,7 @@ RENAMED = (('training.label_dropout', 'training.cond_dropout'),)
 RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.checkpoint_every',
                      'training.sample_every', 'training.eval_every', 'training.eval_num_samples',
                      'training.keep_checkpoints', 'training.max_nonfinite_steps',
-                     'training.num_grid_samples', 'data.data_dir')
+                     'training.num_grid_samples', 'training.fsdp', 'data.data_dir')
 RESUMABLE_GROUPS = ('sampling.', 'eval.')
 
 
@@ -685,6 +685,7 @@ def validate(config, *, num_devices=1, process_count=1):
   _one_of(config, 'optim.lr_schedule', 'lr_schedule')
   _check(isinstance(tr.ema_warmup, bool), 'training.ema_warmup',
          f'must be true or false, got {tr.ema_warmup!r}')
+  _check(isinstance(tr.fsdp, bool), 'training.fsdp', f'must be true or false, got {tr.fsdp!r}')
   _number_in(config, 'optim.lr', 0.0, None, low_open=True)
   _number_in(config, 'optim.grad_clip', 0.0, None)
   _number_in(config, 'optim.b1', 0.0, 1.0)

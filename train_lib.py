@@ -3,7 +3,8 @@
 The whole step is `train_step` below: noise a batch at uniform t (or at EDM's log-normal sigma,
 config.diffusion.formulation = 'edm'), regress the network's prediction, clip and apply Adam,
 update the EMA. It is compiled once with `jax.jit` over a mesh of every device (batch sharded
-on 'data', state replicated and donated). Per-step randomness is `fold_in(state.rng,
+on 'data', state replicated, or with config.training.fsdp its params, EMA and optimizer state
+sharded over 'data' (sharding.fsdp_sharding), and donated). Per-step randomness is `fold_in(state.rng,
 state.step)`, so a resumed run draws the same numbers as an uninterrupted one.
 
 Periodic work other than checkpoints (sample grids, in-loop FID) reaches the loop as hooks
@@ -115,14 +116,17 @@ def init_state(config, model, tx, params=None):
 
 
 def abstract_state(config, model, tx, mesh):
-  """Shapes, dtypes and (replicated) shardings of the state: the restore target."""
-  return checkpoints.replicated_target(jax.eval_shape(lambda: init_state(config, model, tx)),
-                                       mesh)
+  """Shapes, dtypes and shardings of the state (replicated, or with training.fsdp
+  sharding.state_shardings' FSDP layout): the restore target, and the train step's."""
+  shapes = jax.eval_shape(lambda: init_state(config, model, tx))
+  return checkpoints.sharded_target(
+      shapes, sharding.state_shardings(shapes, mesh, config.training.fsdp))
 
 
 def create_state(config, model, tx, mesh, params=None):
-  """init_state, compiled, with every leaf replicated over the mesh; from `params` (a tree of
-  the model's shapes, e.g. experiment.pretrained_params) instead of the random init if given."""
+  """init_state, compiled, with every leaf laid out as `abstract_state` says; from `params` (a
+  tree of the model's shapes, e.g. experiment.pretrained_params) instead of the random init if
+  given."""
   target = abstract_state(config, model, tx, mesh)
   shardings = jax.tree.map(lambda s: s.sharding, target)
   if params is None:
@@ -216,7 +220,12 @@ def make_multi_step(train_step, k, unroll=1):
 
 
 def compile_train_step(config, model, schedule, tx, mesh, conditioner=None):
-  """jit with explicit shardings: state replicated and donated, batch split on 'data'."""
+  """jit with explicit shardings: state as `abstract_state` lays it out (replicated, or FSDP)
+  and donated, batch split on 'data'. Under FSDP no code changes: given the state's shardings,
+  XLA's SPMD partitioner all-gathers each weight where the forward and backward use it and
+  reduces its gradient to the shards that the optimizer updates (XLA:CPU, measured: an
+  all-reduce, then each device's slice, not a reduce-scatter; so a step there still holds one
+  whole gradient per device)."""
   k = config.training.steps_per_dispatch
   # XLA:CPU runs this step ~9x slower inside a while loop than outside one (digits U-Net,
   # bench/RESULTS.md; cf. jax-ml/jax#12868), so on the CPU the k steps are written out in full:
@@ -224,9 +233,10 @@ def compile_train_step(config, model, schedule, tx, mesh, conditioner=None):
   unroll = k if jax.default_backend() == 'cpu' else 1
   step = make_multi_step(make_train_step(config, model, schedule, tx, conditioner), k, unroll)
   replicated = sharding.replicated(mesh)
+  state = jax.tree.map(lambda s: s.sharding, abstract_state(config, model, tx, mesh))
   rows = sharding.batch_sharding(mesh, leading_axes=0 if k == 1 else 1)
-  return jax.jit(step, in_shardings=(replicated, rows),
-                 out_shardings=(replicated, replicated), donate_argnums=0), rows
+  return jax.jit(step, in_shardings=(state, rows),
+                 out_shardings=(state, replicated), donate_argnums=0), rows
 
 
 # ----------------------------------------------------------------------------- logging
@@ -485,6 +495,11 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
   k = tc.steps_per_dispatch
   step_fn, rows = compile_train_step(config, model, schedule, tx, mesh, conditioner)
   to_latent = _latent_encoder(config, latent, mesh, cache)
+  # Hooks sample from the EMA replicated, as --mode sample restores it: under FSDP they get an
+  # all-gathered copy (the params alone, not the optimizer state) for as long as they run, and
+  # their samples are those of the replicated run.
+  gather = (jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh)) if tc.fsdp else
+            lambda t: t)
   lr_at = learning_rate(config)
   writer = MetricWriter(workdir)
   end = tc.num_steps if stop_after is None else min(tc.num_steps, stop_after)
@@ -514,9 +529,10 @@ def _loop(config, workdir, mngr, ds, model, schedule, tx, mesh, state, step, sto
   def run_hooks(at_step, due):
     """Runs the due hooks; returns the names of those a stop interrupted (and the rest)."""
     stop_fn = stop if jax.process_count() == 1 else progress.never
+    ema_params = gather(state.ema_params)
     for i, hook in enumerate(due):
       try:
-        values = hook(at_step, state.ema_params, stop_fn)
+        values = hook(at_step, ema_params, stop_fn)
       except progress.Interrupted as e:
         names = [h.name for h in due[i:]]
         logging.warning('%s; the checkpoint at step %d records %s, redone when the run resumes',

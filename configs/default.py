@@ -238,6 +238,10 @@ def get_config():
   # train steps fused into one compiled call (lax.scan; unrolled on the CPU, where XLA runs the
   # step much slower inside a loop: compile time grows with it there)
   training.steps_per_dispatch = 1
+  # FSDP (ZeRO-3): params, EMA and optimizer state sharded over all devices (each leaf on its
+  # largest axis the device count divides; small leaves replicated), for a state that does not
+  # fit one device; False replicates them (faster while it fits: no weight all-gathers)
+  training.fsdp = False
   training.max_nonfinite_steps = 10  # stop after this many consecutive non-finite updates
   training.eval_every = 0  # in-loop FID every N steps (0 = never)
   training.eval_num_samples = 1000  # samples for the in-loop FID (small N biases FID upward)
