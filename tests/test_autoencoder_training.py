@@ -1,0 +1,64 @@
+"""An autoencoder trained by the trainer (model.name = 'autoencoder') and used by a latent config."""
+
+import jax
+import numpy as np
+import pytest
+
+import config_lib
+import experiment
+import latent_space
+import train_lib
+from tests.tiny import tiny_config
+
+
+def _ae_config(**kw):
+  """A 2-level (2x down) autoencoder on 8x8 digits with a 2-layer PatchGAN from step 2."""
+  return tiny_config(**{
+      'model.name': 'autoencoder', 'autoencoder.block_out_channels': (8, 16),
+      'autoencoder.layers_per_block': 1, 'autoencoder.norm_num_groups': 4,
+      'autoencoder.latent_channels': 2, 'autoencoder_loss.disc_start': 2,
+      'autoencoder_loss.disc_num_layers': 1, 'autoencoder_loss.disc_channels': 8,
+      'optim.grad_clip': 0.0, 'training.sample_every': 0, **kw})
+
+
+def test_autoencoder_trains_and_a_latent_config_loads_its_run(tmp_path):
+  config = _ae_config()
+  config_lib.validate(config)
+  state = train_lib.train(config, str(tmp_path / 'ae'))
+  assert sorted(state.params) == ['autoencoder', 'discriminator']
+  assert int(state.step) == config.training.num_steps and int(state.nonfinite_total) == 0
+  # The discriminator learns only once the GAN terms count (disc_factor 0 before disc_start).
+  init = train_lib.init_state(config, experiment.model(config), train_lib.make_optimizer(config))
+  assert not np.array_equal(jax.device_get(state.params['discriminator']['conv_0']['kernel']),
+                            jax.device_get(init.params['discriminator']['conv_0']['kernel']))
+
+  latent = tiny_config(**{'latent.autoencoder': str(tmp_path / 'ae'), 'latent.factor': 2,
+                          'latent.channels': 2, 'latent.scale_factor': 1.0,
+                          'sampling.clip_x0': False, 'model.attn_resolutions': ()})
+  config_lib.validate(latent)
+  space = latent_space.load(latent)
+  ema = jax.device_get(state.ema_params['autoencoder'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(space.params), ema)
+  images = np.zeros((2, 8, 8, 1), np.float32)
+  assert space.encode(space.params, images, jax.random.key(0)).shape == (2, 4, 4, 2)
+
+
+@pytest.mark.parametrize('override,field', [
+    ({'latent.channels': 4}, 'latent.channels'),
+    ({'latent.factor': 4}, 'latent.factor'),
+])
+def test_an_incompatible_autoencoder_run_is_named(tmp_path, override, field):
+  config = _ae_config(**{'training.num_steps': 1})
+  train_lib.train(config, str(tmp_path / 'ae'))
+  latent = tiny_config(**{'latent.autoencoder': str(tmp_path / 'ae'), 'latent.factor': 2,
+                          'latent.channels': 2, 'sampling.clip_x0': False, **override})
+  with pytest.raises(config_lib.ConfigError, match=field) as e:
+    config_lib.validate(latent)
+  assert str(tmp_path / 'ae') in str(e.value)
+
+
+def test_autoencoder_config_errors_name_the_field():
+  with pytest.raises(config_lib.ConfigError, match='autoencoder.norm_num_groups'):
+    config_lib.validate(_ae_config(**{'autoencoder.norm_num_groups': 3}))
+  with pytest.raises(config_lib.ConfigError, match='model.num_classes'):
+    config_lib.validate(_ae_config(**{'model.num_classes': 10}))
