@@ -19,9 +19,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = {'tests', 'bench', '.venv', '.git', '.ci', 'runs'}
-LAYERS = {'main': 0, 'train_lib': 1, 'eval_lib': 2, 'sample_lib': 3}
+LAYERS = {'main': 0, 'train_lib': 1, 'eval_lib': 2, 'autoencoder_lib': 2, 'sample_lib': 3}
 SHARED = ('experiment', 'conditioning', 'checkpoints', 'sharding', 'image_io', 'progress',
-          'latent_space', 'captions',
+          'latent_space', 'latent_cache', 'captions',
           'config_lib', 'configs')
 BOTTOM = ('diffusion', 'models', 'data', 'evaluation')
 FORBIDDEN = {'diffusion': ('models', 'data', 'evaluation'), 'models': ('diffusion',)}
