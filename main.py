@@ -175,11 +175,11 @@ def main(argv):
     stop = progress.StopRequest()
   try:
     if config.model.name == 'autoencoder' and FLAGS.mode in ('sample', 'eval'):
-      raise config_lib.ConfigError(
-          f'--mode {FLAGS.mode} of an autoencoder run (model.name=autoencoder) is not implemented '
-          'yet; its training logs rec_loss, kl_loss and psnr to metrics.jsonl, and a latent '
-          'diffusion config uses it through config.latent.autoencoder=WORKDIR')
-    if FLAGS.mode == 'train':
+      import autoencoder_lib  # pylint: disable=g-import-not-at-top
+      run = (autoencoder_lib.run_sample_mode if FLAGS.mode == 'sample' else
+             autoencoder_lib.run_eval_mode)
+      run(config, FLAGS.workdir, stop=stop)
+    elif FLAGS.mode == 'train':
       import eval_lib  # pylint: disable=g-import-not-at-top
       import latent_space  # pylint: disable=g-import-not-at-top
       import train_lib  # pylint: disable=g-import-not-at-top

@@ -62,3 +62,17 @@ def test_autoencoder_config_errors_name_the_field():
     config_lib.validate(_ae_config(**{'autoencoder.norm_num_groups': 3}))
   with pytest.raises(config_lib.ConfigError, match='model.num_classes'):
     config_lib.validate(_ae_config(**{'model.num_classes': 10}))
+
+
+def test_sample_mode_writes_reconstructions_of_the_split(tmp_path):
+  import autoencoder_lib  # pylint: disable=g-import-not-at-top
+  config = _ae_config(**{'training.num_steps': 1, 'sampling.num_samples': 10})
+  train_lib.train(config, str(tmp_path))
+  recon = autoencoder_lib.run_sample_mode(config, str(tmp_path))
+  inputs = autoencoder_lib.split_images(config, 10)
+  assert recon.shape == inputs.shape == (10, 8, 8, 1) and recon.dtype == np.uint8
+  saved = np.load(tmp_path / 'samples' / 'step_0000001_reconstructions.npz')
+  np.testing.assert_array_equal(saved['images'], recon)
+  assert (tmp_path / 'samples' / 'step_0000001_reconstructions.png').exists()
+  # PSNR of identical images is infinite; of these, finite.
+  assert np.isfinite(autoencoder_lib.psnr_db(inputs, recon))

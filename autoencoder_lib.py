@@ -1,0 +1,108 @@
+"""An autoencoder run's own modes (model.name = 'autoencoder'): reconstructions and their scores.
+
+  --mode sample   samples/step_STEP_reconstructions.png (inputs | reconstructions) and .npz of the
+                  first sampling.num_samples examples of config.data.split
+  --mode eval     PSNR (dB, mean over examples) and rFID: the FID of the reconstructions of the
+                  first eval.num_samples examples against the split's cached Inception
+                  statistics (the same reference as a generator's FID, so the two compare)
+
+Reconstructions decode the posterior mean (LDM's `sample_posterior=False` at evaluation); the
+params are the EMA's when sampling.use_ema, as for a denoiser.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+import experiment
+import image_io
+import progress
+import sharding
+from data import preprocess
+from models import autoencoder_loss
+
+
+def split_images(config, n):
+  """The first n examples of config.data.split, uint8 [n', H, W, C] (n' <= n: the split's size)."""
+  import eval_lib  # pylint: disable=g-import-not-at-top  (eval_lib imports this module)
+  out, total = [], 0
+  for batch in eval_lib._reference_images(config):  # pylint: disable=protected-access
+    out.append(batch)
+    total += len(batch)
+    if total >= n:
+      break
+  return np.concatenate(out)[:n]
+
+
+def reconstruct(config, params, images_uint8, *, stop=None, what='reconstructions', mesh=None):
+  """uint8 [N, H, W, C] -> their uint8 reconstructions, in batches of eval.batch_size sharded
+  over the mesh, with a progress line and stop() asked between batches."""
+  mesh = mesh or sharding.make_mesh()
+  module = experiment.model(config)
+  ae = params[autoencoder_loss.AUTOENCODER]
+  run = jax.jit(lambda p, x: module.apply({'params': p}, x, None, sample_posterior=False)[0])
+  bs = config.eval.batch_size - config.eval.batch_size % jax.device_count() or jax.device_count()
+  tracker = progress.Progress(what, len(images_uint8), stop=stop)
+  out = []
+  for i in range(0, len(images_uint8), bs):
+    chunk = images_uint8[i:i + bs]
+    pad = bs - len(chunk)
+    x = preprocess.to_float(np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad
+                            else chunk)
+    y = sharding.to_host(run(ae, sharding.from_global_rows(mesh, np.asarray(x, np.float32))))
+    out.append(preprocess.to_uint8(y)[:len(chunk)])
+    tracker.update(len(chunk))
+  return np.concatenate(out)
+
+
+def psnr_db(a_uint8, b_uint8):
+  """Mean PSNR in dB of uint8 image pairs (on [-1, 1], as autoencoder_loss.psnr)."""
+  a, b = preprocess.to_float(a_uint8), preprocess.to_float(b_uint8)
+  return float(np.mean(np.asarray(autoencoder_loss.psnr(a, b))))
+
+
+def _params(config, workdir):
+  s = config.sampling
+  return experiment.restore_params(config, workdir, step=s.checkpoint_step, use_ema=s.use_ema)
+
+
+def run_sample_mode(config, workdir, stop=None):
+  """--mode sample of an autoencoder run: inputs | reconstructions grid and .npz."""
+  step, params = _params(config, workdir)
+  inputs = split_images(config, config.sampling.num_samples)
+  recon = reconstruct(config, params, inputs, stop=stop)
+  name = f'step_{step:07d}_reconstructions'
+  out_dir = os.path.join(workdir, 'samples')
+  if jax.process_index() == 0:
+    png = image_io.write_comparison(os.path.join(out_dir, name + '.png'), [inputs, recon])
+    npz = os.path.join(out_dir, name + '.npz')
+    np.savez_compressed(npz, images=recon, inputs=inputs)
+    logging.info('wrote %s and %s (%d images, PSNR %.2f dB)', png, npz, len(recon),
+                 psnr_db(inputs, recon))
+  return recon
+
+
+def run_eval_mode(config, workdir, stop=None):
+  """--mode eval of an autoencoder run: PSNR and rFID, appended to metrics.jsonl."""
+  import eval_lib  # pylint: disable=g-import-not-at-top
+  from evaluation import fid as fid_lib  # pylint: disable=g-import-not-at-top
+  step, params = _params(config, workdir)
+  _, inception = fid_lib.load_inception(config.eval.inception_weights)
+  ref = eval_lib.reference_stats(config, params=inception, stop=stop)
+  t0 = time.time()
+  inputs = split_images(config, config.eval.num_samples)
+  recon = reconstruct(config, params, inputs, stop=stop)
+  result = eval_lib.fid_kid(recon, ref, inception, batch_size=config.eval.batch_size, stop=stop)
+  record = {'mode': 'eval', 'step': step, 'psnr': psnr_db(inputs, recon),
+            'rfid': result.pop('fid'), 'rkid': result.pop('kid', float('nan')),
+            'num_samples': len(recon), 'split': config.data.split,
+            'seconds': time.time() - t0}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    print(json.dumps(record))
+  return record
