@@ -375,6 +375,26 @@ def vp_model(denoiser_fn, schedule: Schedule, prediction: str = 'x0'):
 
 # ------------------------------------------------------------------------------------ dispatch
 
+def sampler_grid(schedule: Schedule, formulation: str, num_steps: int,
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
+  """The time steps EDM's sampler walks in `sample_model`, and its rounding of sigma.
+
+  'edm' models: the rho grid as asked, continuous (round_sigma None). 'ddpm' models: the grid
+  clamped to the schedule's [sigma_0, sigma_{T-1}] and rounded to its steps (`vp_round`), merged
+  points dropped, so it may hold fewer than num_steps points; `num_evals(sigmas)` counts the
+  evaluations either way.
+
+  Returns:
+    (sigmas float64 [k + 1] ending with 0, round_sigma or None).
+  """
+  if formulation == 'edm':
+    return sigma_steps(num_steps, sigma_min, sigma_max, rho), None
+  round_sigma = vp_round(schedule)
+  sig = grids.sigmas(schedule)
+  sigma_min, sigma_max = max(sigma_min, sig[0]), min(sigma_max, sig[-1])
+  return sigma_steps(num_steps, sigma_min, sigma_max, rho, round_sigma), round_sigma
+
+
 # EDM's own samplers (config.sampling.sampler), beside diffusion/samplers.py's SAMPLERS; config_lib
 # reads the names by AST. 'edm' is Algorithm 2 (deterministic Algorithm 1 when S_churn = 0).
 SAMPLERS = {'edm': sample}
@@ -422,13 +442,10 @@ def sample_model(schedule: Schedule, model_fn, x_init: jnp.ndarray, rng: jax.Arr
     if spacing != 'auto' or strength is not None or inpaint is not None or resample != 1:
       raise ValueError(f"the {sampler!r} sampler runs its own rho grid from noise: it takes no "
                        'spacing, strength (img2img), inpaint or resample')
-    if formulation == 'edm':
-      den, round_sigma = denoiser(model_fn, sigma_data), None
-    else:
-      den, round_sigma = vp_denoiser(schedule, model_fn, prediction), vp_round(schedule)
-      sig = grids.sigmas(schedule)
-      sigma_min, sigma_max = max(sigma_min, sig[0]), min(sigma_max, sig[-1])
-    sigmas = sigma_steps(num_steps, sigma_min, sigma_max, rho, round_sigma)
+    den = (denoiser(model_fn, sigma_data) if formulation == 'edm' else
+           vp_denoiser(schedule, model_fn, prediction))
+    sigmas, round_sigma = sampler_grid(schedule, formulation, num_steps, sigma_min, sigma_max,
+                                       rho)
     return sample(den, x_init, rng, sigmas=sigmas, churn=churn, round_sigma=round_sigma,
                   clip_denoised=clip_x0)
   if formulation == 'edm':

@@ -306,6 +306,18 @@ def test_ddpm_model_runs_edms_sampler_through_the_bridge(prediction):
   np.testing.assert_allclose(via, x, atol=1e-6)
 
 
+def test_sampler_grid_is_the_grid_sample_model_walks():
+  s = schedules.get_schedule('linear', 1000)
+  sigmas, round_sigma = edm.sampler_grid(s, 'ddpm', 18)
+  want = edm.sigma_steps(18, max(0.002, grids.sigmas(s)[0]), 80.0, 7.0, edm.vp_round(s))
+  np.testing.assert_array_equal(sigmas, want)
+  np.testing.assert_array_equal(round_sigma(sigmas[:-1]), sigmas[:-1])
+  sigmas, round_sigma = edm.sampler_grid(s, 'edm', 6, 0.01, 40.0, 5.0)
+  assert round_sigma is None
+  np.testing.assert_array_equal(sigmas, edm.sigma_steps(6, 0.01, 40.0, 5.0))
+  assert edm.num_evals(sigmas) == 11
+
+
 def test_edms_sampler_takes_no_grid_or_img2img():
   s = schedules.get_schedule('linear', 10)
   with pytest.raises(ValueError, match='own rho grid'):
