@@ -348,7 +348,7 @@ def test_bad_inputs_raise_value_errors_naming_the_field(case, field):
 def test_unknown_model_name_lists_known_ones():
   config = tiny_config()
   config.model.name = 'transformer'
-  with pytest.raises(ValueError, match=r"transformer.*\['dit', 'sd_unet', 'unet'\]"):
+  with pytest.raises(ValueError, match=r"transformer.*\['autoencoder', 'dit', 'sd_unet', 'unet'\]"):
     models.create_model(config)
 
 
