@@ -416,9 +416,7 @@ def train(config, workdir, *, hooks=(), allow_config_change=False, stop_after=No
       # latent.cache: batches carry each example's index, its row in the latent cache.
       cache = (latent_cache.open_cache(config, workdir)
                if config.latent.autoencoder and config.latent.cache else None)
-      # Only the options in use are passed (tests stand in for get_dataset with a bare lambda).
-      extra = {k: v for k, v in (('captions', text_cache), ('index', cache is not None)) if v}
-      ds = data_lib.get_dataset(config, **extra)
+      ds = data_lib.get_dataset(config, captions=text_cache, index=cache is not None)
     except ValueError as e:
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
     conditioner = experiment.conditioner(config, text_cache.null if text_cache else None)

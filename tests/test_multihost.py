@@ -43,8 +43,9 @@ MULTIHOST = {**rel.MICRO, 'training.num_steps': 6, 'training.checkpoint_every': 
 class TwoShards:
   """The global batches of a 2-process run, read in one process: shard 0's rows, then shard 1's."""
 
-  def __init__(self, get_dataset, config):
-    self._shards = [get_dataset(config, process_index=p, process_count=2) for p in (0, 1)]
+  def __init__(self, get_dataset, config, **kwargs):
+    self._shards = [get_dataset(config, process_index=p, process_count=2, **kwargs)
+                    for p in (0, 1)]
 
   def __iter__(self):
     return self
@@ -71,7 +72,7 @@ def _reference_main(config_file, workdir):
   import train_lib  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == 1 and jax.device_count() == 4
   real = data_lib.get_dataset
-  data_lib.get_dataset = lambda config: TwoShards(real, config)
+  data_lib.get_dataset = lambda config, **kw: TwoShards(real, config, **kw)
   train_lib.train(config_lib.load_config_file(config_file), workdir)
 
 

@@ -178,7 +178,7 @@ def test_nonfinite_updates_are_skipped_counted_and_a_streak_stops_the_run(tmp_pa
   workdir = str(tmp_path)
   # Steps 3 and 4 see a NaN: two skipped updates, fewer than the limit of 3.
   monkeypatch.setattr(data_lib, 'get_dataset',
-                      lambda config: NanBatches(real(config), lambda i: i in (2, 3)))
+                      lambda config, **kw: NanBatches(real(config, **kw), lambda i: i in (2, 3)))
   config = micro_config(**{'training.max_nonfinite_steps': 3})
   state = train_lib.train(config, workdir)
   assert int(state.step) == 6 and int(state.nonfinite_total) == 2
@@ -195,7 +195,8 @@ def test_nonfinite_updates_are_skipped_counted_and_a_streak_stops_the_run(tmp_pa
 
   # Extending the run: every batch from step 9 on is bad; the 3rd in a row stops it.
   monkeypatch.setattr(data_lib, 'get_dataset',
-                      lambda config: NanBatches(real(config), lambda i: i in (2, 3) or i >= 8))
+                      lambda config, **kw: NanBatches(real(config, **kw),
+                                                      lambda i: i in (2, 3) or i >= 8))
   with pytest.raises(FloatingPointError, match=r'3 consecutive.*max_nonfinite_steps = 3'):
     train_lib.train(micro_config(**{'training.max_nonfinite_steps': 3,
                                     'training.num_steps': 20}), workdir)
