@@ -41,6 +41,16 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.Chec
   return ocp.CheckpointManager(directory(workdir), options=options)
 
 
+def write_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: never a torn file."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def sharded_target(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `shapes` (a pytree from jax.eval_shape) with `shardings` (a pytree of
   the same structure): the restore target. Explicit shardings let a checkpoint saved on one

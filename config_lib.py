@@ -232,6 +232,12 @@ def check_cascade(base_config, config):
                       f'{config.model.cond_channels}')
 
 
+def has_checkpoint(workdir):
+  """Whether WORKDIR/checkpoints holds a step folder (plain os: no Orbax, no jax)."""
+  ckpt = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
 def autoencoder_run(path):
   """Whether `path` is the workdir of an autoencoder trained here (model.name 'autoencoder' in
   its config.json), rather than a diffusers AutoencoderKL folder."""
@@ -251,10 +257,8 @@ def _autoencoder_geometry(path):
   `path` (a trained run's workdir or a diffusers folder), checking that it is one."""
   if autoencoder_run(path):
     run = load_run_config(path)
-    _check(os.path.isdir(os.path.join(path, 'checkpoints')) and any(
-        n.isdigit() for n in os.listdir(os.path.join(path, 'checkpoints'))),
-           'latent.autoencoder', f'the autoencoder run {path} has no checkpoint yet: train it '
-           f'first (python main.py --config CONFIG --workdir {path})')
+    _check(has_checkpoint(path), 'latent.autoencoder', f'the autoencoder run {path} has no '
+           f'checkpoint yet: train it first (python main.py --config CONFIG --workdir {path})')
     ae = run.autoencoder
     return (2 ** (len(ae.block_out_channels) - 1), ae.latent_channels,
             ae.in_channels or run.data.num_channels, f'the autoencoder run {path}')

@@ -28,6 +28,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+import checkpoints
 import config_lib
 import experiment
 from models import autoencoder
@@ -172,11 +173,6 @@ def fit_scale(latent, params, images, rng):
   return std, 1.0 / std
 
 
-def _has_checkpoints(workdir):
-  ckpt = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
-
-
 def for_run(config, workdir, latent=None, *, fresh=None, first_images=None, mesh=None):
   """The LatentSpace of the training run in `workdir` (None in pixel space), its scale resolved.
 
@@ -206,7 +202,7 @@ def for_run(config, workdir, latent=None, *, fresh=None, first_images=None, mesh
   saved = read_scale(workdir)
   if saved is not None:
     return latent.with_scale(saved['scale'])
-  fresh = (not _has_checkpoints(workdir)) if fresh is None else fresh
+  fresh = (not config_lib.has_checkpoint(workdir)) if fresh is None else fresh
   path = os.path.join(workdir, SCALE_FILE)
   if not fresh:
     raise config_lib.ConfigError(
@@ -239,12 +235,7 @@ def for_run(config, workdir, latent=None, *, fresh=None, first_images=None, mesh
                '(saved in %s)', first_images.shape[0], std, scale, path)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)  # never a torn file
+    checkpoints.write_atomically(path, json.dumps(record, indent=2))
   return latent.with_scale(scale)
 
 

@@ -280,16 +280,6 @@ class MetricWriter:
       self._tb.close()
 
 
-def _write_atomically(path, text):
-  """Writes `text` to `path` through a temporary file and a rename: never a torn file."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _check_workdir_config(workdir, config, allow_config_change):
   """Refuses a workdir whose saved config differs (except resumable fields); records ours.
 
@@ -316,7 +306,7 @@ def _check_workdir_config(workdir, config, allow_config_change):
       logging.warning('resuming %s with a changed config: %s', workdir, '; '.join(differing))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    _write_atomically(path, json.dumps(current, indent=2))
+    checkpoints.write_atomically(path, json.dumps(current, indent=2))
 
 
 def _trim_metrics(workdir, step):
@@ -333,7 +323,7 @@ def _trim_metrics(workdir, step):
           kept.append(line if line.endswith('\n') else line + '\n')
       except ValueError:
         pass
-  _write_atomically(path, ''.join(kept))
+  checkpoints.write_atomically(path, ''.join(kept))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -355,7 +345,7 @@ def _read_pending(workdir, step):
 
 def _write_pending(workdir, step, names):
   if jax.process_index() == 0:
-    _write_atomically(os.path.join(workdir, PENDING_HOOKS_FILE),
+    checkpoints.write_atomically(os.path.join(workdir, PENDING_HOOKS_FILE),
                       json.dumps({'step': int(step), 'hooks': list(names)}))
 
 
