@@ -37,3 +37,36 @@ def fit_classifier(images, labels, test_fraction, seed=0):
   clf = LogisticRegression(max_iter=5000, C=1.0)
   clf.fit(x_tr, y_tr)
   return clf, float(clf.score(x_te, y_te))
+
+
+def fid_reference(config, inception_params, reference_images, num_samples, out_dir):
+  """The FID reference a bench scores against, and the Inception batch size to use.
+
+  Args:
+    config: the run's config (data, eval groups).
+    inception_params: the FID network's params.
+    reference_images: > 0: the statistics of the split's first so many images (cached as
+      OUT_DIR/fid_stats_firstN.npz); 0: the dataset's cached statistics (eval_lib).
+    num_samples: images per scored row.
+    out_dir: where a first-N reference is cached.
+
+  Returns:
+    (ref, inception batch size, a description of the reference for the table's caption).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import data as data_lib  # pylint: disable=g-import-not-at-top
+  import eval_lib  # pylint: disable=g-import-not-at-top
+  from evaluation import fid as fid_lib  # pylint: disable=g-import-not-at-top
+  # Inception pads every call to its batch size: no bigger than needed for tiny smoke runs.
+  ibs = min(config.eval.batch_size, max(num_samples, reference_images))
+  if reference_images > 0:
+    imgs = next(data_lib.get_dataset(config, batch_size=reference_images, process_index=0,
+                                     process_count=1, shuffle=False, repeat=False,
+                                     drop_remainder=False, uint8=True))['image']
+    ref = fid_lib.reference_statistics(
+        imgs, os.path.join(out_dir, f'fid_stats_first{len(imgs)}.npz'),
+        params=inception_params, batch_size=ibs)
+    return ref, ibs, f'the first {len(imgs)} images of {config.data.dataset}'
+  ref = eval_lib.reference_stats(config, params=inception_params)
+  return ref, ibs, (f"all {ref.get('num_images', '?')} images of {config.data.dataset} "
+                    f'({eval_lib.stats_path(config)})')

@@ -45,6 +45,7 @@ import time
 from absl import app
 from absl import flags
 
+from bench.common import fid_reference
 from bench.common import parse_grid
 
 
@@ -166,19 +167,8 @@ def main(argv):
 
   first = run_config(FLAGS.workdirs[0])
   _, inception_params = fid_lib.load_inception(first.eval.inception_weights)
-  ibs = min(first.eval.batch_size, max(FLAGS.num_samples, FLAGS.reference_images))
-  if FLAGS.reference_images > 0:
-    imgs = next(data_lib.get_dataset(first, batch_size=FLAGS.reference_images, process_index=0,
-                                     process_count=1, shuffle=False, repeat=False,
-                                     drop_remainder=False, uint8=True))['image']
-    ref = fid_lib.reference_statistics(
-        imgs, os.path.join(FLAGS.out_dir, f'fid_stats_first{len(imgs)}.npz'),
-        params=inception_params, batch_size=ibs)
-    ref_desc = f'the first {len(imgs)} images of {first.data.dataset}'
-  else:
-    ref = eval_lib.reference_stats(first, params=inception_params)
-    ref_desc = (f"all {ref.get('num_images', '?')} images of {first.data.dataset} "
-                f'({eval_lib.stats_path(first)})')
+  ref, ibs, ref_desc = fid_reference(first, inception_params, FLAGS.reference_images,
+                                     FLAGS.num_samples, FLAGS.out_dir)
 
   rows = []
 

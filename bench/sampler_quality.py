@@ -22,6 +22,7 @@ import time
 from absl import app
 from absl import flags
 
+from bench.common import fid_reference
 from bench.common import parse_grid
 
 
@@ -77,17 +78,8 @@ def main(argv):
   step, params = experiment.restore_params(config, FLAGS.workdir, step=FLAGS.checkpoint_step,
                                            use_ema=config.sampling.use_ema, module=model)
   _, inception_params = fid_lib.load_inception(config.eval.inception_weights)
-  # Inception pads every call to its batch size: no bigger than needed for tiny smoke runs.
-  ibs = min(config.eval.batch_size, max(FLAGS.num_samples, FLAGS.reference_images))
-  if FLAGS.reference_images > 0:
-    first = next(data_lib.get_dataset(config, batch_size=FLAGS.reference_images, process_index=0,
-                                      process_count=1, shuffle=False, repeat=False,
-                                      drop_remainder=False, uint8=True))['image']
-    ref = fid_lib.reference_statistics(
-        first, os.path.join(FLAGS.workdir, f'fid_stats_first{len(first)}.npz'),
-        params=inception_params, batch_size=ibs)
-  else:
-    ref = eval_lib.reference_stats(config, params=inception_params)
+  ref, ibs, _ = fid_reference(config, inception_params, FLAGS.reference_images,
+                              FLAGS.num_samples, FLAGS.workdir)
 
   guided = config.model.num_classes > 0 and config.sampling.guidance_scale not in (0.0, 1.0)
   rows = []
