@@ -10,13 +10,8 @@ evaluations, both formulations and both backbones"; bench/formulation_table.py).
 """
 
 from configs import digits_dit
+from configs import digits_edm
 
 
 def get_config():
-  config = digits_dit.get_config()
-  config.diffusion.formulation = 'edm'
-  # Read only by the VP bridge (ddim, dpm_solver_pp_2m, ... on this model); see digits_edm.py.
-  config.diffusion.schedule = 'linear'
-  config.sampling.sampler = 'edm'
-  config.sampling.num_steps = 18  # 35 evaluations
-  return config
+  return digits_edm.to_edm(digits_dit.get_config())

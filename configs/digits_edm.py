@@ -21,7 +21,11 @@ from configs import digits
 
 
 def get_config():
-  config = digits.get_config()
+  return to_edm(digits.get_config())
+
+
+def to_edm(config):
+  """What EDM changes in a digits config (configs/digits_dit_edm.py applies it to the DiT)."""
   config.diffusion.formulation = 'edm'
   # Only the VP bridge reads the schedule (ddim, dpm_solver_pp_2m, ... on an EDM model): the
   # linear betas span sigma 0.0100 to 157.4, around EDM's 0.002 to 80 (the cosine one reaches
