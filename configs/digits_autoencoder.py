@@ -27,12 +27,13 @@ def get_config():
   al.disc_start = 1000
   al.disc_num_layers = 2
   al.disc_channels = 32
-  config.optim.lr = 4.5e-6 * 64  # LDM scales 4.5e-6 by the batch size (its Adam: b1 0.5, b2 0.9)
   config.optim.b1, config.optim.b2 = 0.5, 0.9
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
   config.optim.grad_clip = 0.0
   config.training.batch_size = 64
+  # LDM scales 4.5e-6 by the batch size (its Adam: b1 0.5, b2 0.9)
+  config.optim.lr = 4.5e-6 * config.training.batch_size
   config.training.num_steps = 2000
   config.training.sample_every = 0
   config.training.eval_every = 0
