@@ -50,10 +50,8 @@ def reconstruct(config, params, images_uint8, *, stop=None, what='reconstruction
   out = []
   for i in range(0, len(images_uint8), bs):
     chunk = images_uint8[i:i + bs]
-    pad = bs - len(chunk)
-    x = preprocess.to_float(np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad
-                            else chunk)
-    y = sharding.to_host(run(ae, sharding.from_global_rows(mesh, np.asarray(x, np.float32))))
+    x = np.asarray(preprocess.to_float(sharding.pad_rows(chunk, bs)), np.float32)
+    y = sharding.to_host(run(ae, sharding.from_global_rows(mesh, x)))
     out.append(preprocess.to_uint8(y)[:len(chunk)])
     tracker.update(len(chunk))
   return np.concatenate(out)

@@ -159,9 +159,7 @@ def build(config, workdir, *, split=None, latent=None, stop=None, mesh=None):
       except StopIteration:
         break
       b = len(batch['index'])
-      images = batch['image']
-      if b < bs:  # the last batch, padded with copies of its last row (dropped below)
-        images = np.concatenate([images, np.repeat(images[-1:], bs - b, 0)])
+      images = sharding.pad_rows(batch['image'], bs)  # the last batch's padding: dropped below
       m, lv = moments(params, sharding.from_global_rows(mesh, images))
       out['mean'][batch['index']] = sharding.to_host(m)[:b]
       out['logvar'][batch['index']] = sharding.to_host(lv)[:b]

@@ -133,10 +133,7 @@ def _cycle(a, n):
 
 def _batch_rows(a, i, bs):
   """Rows [i*bs, (i+1)*bs) of `a`, the last batch padded with copies of its last row."""
-  c = np.asarray(a[i * bs:(i + 1) * bs])
-  if len(c) < bs:  # the padding's samples are dropped by the caller
-    c = np.concatenate([c, np.repeat(c[-1:], bs - len(c), 0)])
-  return c
+  return sharding.pad_rows(a[i * bs:(i + 1) * bs], bs)  # the caller drops the padding
 
 
 def default_conds(config, n, *, cond=None, labels=None):

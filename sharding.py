@@ -73,6 +73,13 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS))
 
 
+def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+  """`a` [m, ...] (m <= n) padded to n rows with copies of its last row: a last batch made the
+  compiled batch size; the caller drops the padding's outputs."""
+  a = np.asarray(a)
+  return a if len(a) >= n else np.concatenate([a, np.repeat(a[-1:], n - len(a), 0)])
+
+
 def from_process_rows(local_batch: dict, sharding: NamedSharding) -> dict:
   """Each process's own rows (numpy, per key) -> one global jax.Array per key.
 
