@@ -18,19 +18,20 @@ from absl import logging
 import jax
 import numpy as np
 
+import eval_lib
 import experiment
 import image_io
 import progress
 import sharding
 from data import preprocess
+from evaluation import fid as fid_lib
 from models import autoencoder_loss
 
 
 def split_images(config, n):
   """The first n examples of config.data.split, uint8 [n', H, W, C] (n' <= n: the split's size)."""
-  import eval_lib  # pylint: disable=g-import-not-at-top  (eval_lib imports this module)
   out, total = [], 0
-  for batch in eval_lib._reference_images(config):  # pylint: disable=protected-access
+  for batch in eval_lib.reference_images(config):
     out.append(batch)
     total += len(batch)
     if total >= n:
@@ -86,8 +87,6 @@ def run_sample_mode(config, workdir, stop=None):
 
 def run_eval_mode(config, workdir, stop=None):
   """--mode eval of an autoencoder run: PSNR and rFID, appended to metrics.jsonl."""
-  import eval_lib  # pylint: disable=g-import-not-at-top
-  from evaluation import fid as fid_lib  # pylint: disable=g-import-not-at-top
   step, params = _params(config, workdir)
   _, inception = fid_lib.load_inception(config.eval.inception_weights)
   ref = eval_lib.reference_stats(config, params=inception, stop=stop)

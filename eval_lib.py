@@ -42,7 +42,7 @@ def stats_path(config):
                                                                    d.image_size)
 
 
-def _reference_images(config):
+def reference_images(config):
   """Every example of the split once, uint8, in stored order (no dropped last batch)."""
   ds = data_lib.get_dataset(config, batch_size=config.eval.batch_size, process_index=0,
                             process_count=1, shuffle=False, repeat=False, drop_remainder=False,
@@ -63,7 +63,7 @@ def reference_stats(config, *, recompute=False, params=None, stop=None):
                                 data_lib.num_examples(config), stop=stop)
   else:
     tracker = None
-  stats = fid_lib.reference_statistics(lambda: _reference_images(config), path, params=params,
+  stats = fid_lib.reference_statistics(lambda: reference_images(config), path, params=params,
                                        batch_size=config.eval.batch_size,
                                        on_batch=tracker.update if tracker else None)
   logging.info('reference statistics of %d images (%s) in %s (%.0f s)', stats['num_images'],
