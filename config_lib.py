@@ -74,6 +74,7 @@ REGISTRIES = {
     'conv_algorithm': ('models/winograd.py', 'CONV_ALGORITHMS'),
     'crop': ('data/preprocess.py', 'CROPS'),
     'formulation': ('diffusion/edm.py', 'FORMULATIONS'),
+    'loss_type': ('diffusion/losses.py', 'LOSS_TYPES'),
     'edm_sampler': ('diffusion/edm.py', 'SAMPLERS'),  # EDM's own, beside 'sampler'
 }
 
@@ -361,6 +362,7 @@ def _check_formulation(config):
   """config.diffusion.formulation, EDM's fields, and what makes no sense with each."""
   df, s = config.diffusion, config.sampling
   _one_of(config, 'diffusion.formulation', 'formulation')
+  _one_of(config, 'diffusion.loss_type', 'loss_type')
   _number_in(config, 'diffusion.min_snr_gamma', 0.0, None)
   for f in ('diffusion.sigma_data', 'diffusion.p_std', 'sampling.sigma_min', 'sampling.sigma_max',
             'sampling.rho'):
@@ -372,6 +374,9 @@ def _check_formulation(config):
     _check(df.min_snr_gamma == 0, 'diffusion.min_snr_gamma',
            "is the ddpm formulation's loss weighting; the edm formulation weights by EDM's "
            '(sigma^2 + sigma_data^2) / (sigma sigma_data)^2: set it to 0')
+    _check(df.loss_type == 'l2', 'diffusion.loss_type',
+           f"{df.loss_type!r} is the ddpm formulation's; EDM's loss is its weighted squared "
+           "error: set 'l2'")
     _check(config.eval.bpd_num_examples == 0, 'eval.bpd_num_examples',
            "DDPM's discrete variational bound is not defined for the edm formulation; set 0")
   if s.sampler in choices('edm_sampler'):

@@ -157,7 +157,8 @@ def diffusion_objective(config, model, schedule, conditioner=None):
         return edm.edm_loss(model_fn, batch['image'], loss_rng, sigma_data=d.sigma_data,
                             p_mean=d.p_mean, p_std=d.p_std).mean()
       return losses.diffusion_loss(schedule, model_fn, batch['image'], loss_rng,
-                                   prediction=d.prediction, min_snr_gamma=d.min_snr_gamma).mean()
+                                   prediction=d.prediction, min_snr_gamma=d.min_snr_gamma,
+                                   loss_type=d.loss_type).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     return loss, grads, {}

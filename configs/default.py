@@ -201,6 +201,8 @@ def get_config():
   diffusion.formulation = 'ddpm'
   # ddpm only: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper); 0 = off
   diffusion.min_snr_gamma = 0.0
+  # ddpm only: the simple loss's error, 'l2' (DDPM's squared error) | 'l1' (LDM's loss_type: l1)
+  diffusion.loss_type = 'l2'
   diffusion.sigma_data = 0.5  # edm: the data std its preconditioning assumes (EDM: 0.5)
   diffusion.p_mean = -1.2  # edm: training noise levels ln sigma ~ N(p_mean, p_std^2)
   diffusion.p_std = 1.2

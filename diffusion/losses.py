@@ -14,6 +14,11 @@ from diffusion import process
 from diffusion.schedules import Schedule
 
 
+# The per-element error of the simple loss: DDPM's squared error, or LDM's absolute one (its
+# loss_type: l1, e.g. the LSUN-Churches LDM-KL-8).
+LOSS_TYPES = ('l2', 'l1')
+
+
 def _mean_flat(x: jnp.ndarray) -> jnp.ndarray:
   """Mean over all but the batch axis: [B, ...] -> [B]."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -22,8 +27,9 @@ def _mean_flat(x: jnp.ndarray) -> jnp.ndarray:
 # --------------------------------------------------------------------------------- simple loss
 
 def denoising_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, t: jnp.ndarray,
-                   noise: jnp.ndarray, *, prediction: str = 'eps') -> jnp.ndarray:
-  """Per-example MSE between the model output and its target at given t and noise.
+                   noise: jnp.ndarray, *, prediction: str = 'eps',
+                   loss_type: str = 'l2') -> jnp.ndarray:
+  """Per-example mean error between the model output and its target at given t and noise.
 
   Args:
     schedule: the noise schedule.
@@ -32,15 +38,18 @@ def denoising_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, t: jnp.ndarray
     t: int32 [B] in [0, T-1].
     noise: N(0, I) of x0's shape.
     prediction: 'eps' (target = noise) | 'x0' (target = x0) | 'v' (target = velocity).
+    loss_type: 'l2' (squared error) | 'l1' (absolute error).
 
   Returns:
-    float32 [B]: mean over the non-batch axes of the squared error.
+    float32 [B]: mean over the non-batch axes of the squared (or absolute) error.
   """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f'loss_type must be one of {LOSS_TYPES}, got {loss_type!r}')
   x_t = process.q_sample(schedule, x0, t, noise)
   target = process.to_prediction(schedule, x0, noise, t, prediction)
   out = model_fn(x_t, t)
   err = out.astype(jnp.float32) - target.astype(jnp.float32)
-  return _mean_flat(err ** 2)
+  return _mean_flat(err ** 2 if loss_type == 'l2' else jnp.abs(err))
 
 
 def min_snr_weight(schedule: Schedule, t: jnp.ndarray, prediction: str,
@@ -64,7 +73,8 @@ def min_snr_weight(schedule: Schedule, t: jnp.ndarray, prediction: str,
 
 
 def diffusion_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, rng: jax.Array, *,
-                   prediction: str = 'eps', min_snr_gamma: float = 0.0) -> jnp.ndarray:
+                   prediction: str = 'eps', min_snr_gamma: float = 0.0,
+                   loss_type: str = 'l2') -> jnp.ndarray:
   """DDPM's simple loss with t ~ U{0, ..., T-1} and eps ~ N(0, I) drawn from rng.
 
   Args:
@@ -75,6 +85,7 @@ def diffusion_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, rng: jax.Array
     prediction: 'eps' | 'x0' | 'v'.
     min_snr_gamma: > 0: weight each example by `min_snr_weight` (e.g. 5, the paper's);
       0 = the unweighted simple loss.
+    loss_type: 'l2' | 'l1' (`denoising_loss`).
 
   Returns:
     float32 [B] per-example loss (average it, or weight it, outside).
@@ -82,7 +93,8 @@ def diffusion_loss(schedule: Schedule, model_fn, x0: jnp.ndarray, rng: jax.Array
   t_key, noise_key = jax.random.split(rng)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  loss = denoising_loss(schedule, model_fn, x0, t, noise, prediction=prediction)
+  loss = denoising_loss(schedule, model_fn, x0, t, noise, prediction=prediction,
+                        loss_type=loss_type)
   if min_snr_gamma > 0:
     loss = loss * min_snr_weight(schedule, t, prediction, min_snr_gamma)
   return loss

@@ -111,23 +111,26 @@ def test_batch_that_does_not_divide_over_the_devices_fails_before_compiling(tmp_
   assert not (tmp_path / 'w').exists()
 
 
-def _sd_vae_folder(path):
-  """A folder with SD's VAE config.json and an (empty) weights file: what validate reads."""
+def _vae_folder(path, factor=8, latent_channels=4, image_channels=3):
+  """A diffusers AutoencoderKL folder's config.json (SD's VAE by default) and an empty weights
+  file: what validate reads."""
   os.makedirs(path, exist_ok=True)
+  blocks = [128 * 2 ** i for i in range(factor.bit_length())]
   with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump({'_class_name': 'AutoencoderKL', 'in_channels': 3, 'out_channels': 3,
-               'block_out_channels': [128, 256, 512, 512], 'latent_channels': 4}, f)
+    json.dump({'_class_name': 'AutoencoderKL', 'in_channels': image_channels,
+               'out_channels': image_channels, 'block_out_channels': blocks,
+               'latent_channels': latent_channels}, f)
   open(os.path.join(path, 'diffusion_pytorch_model.safetensors'), 'wb').close()
   return path
 
 
-def test_every_experiment_config_is_valid_on_one_device(tmp_path):
+def test_every_experiment_config_is_valid_on_one_device(tmp_path, monkeypatch):
   """Latent configs name weights that are not here: they must fail on exactly that, and pass
   once the folder is there."""
+  monkeypatch.chdir(tmp_path)  # relative workdirs they name (runs/digits_ae) are not here
   names = [f for f in os.listdir(os.path.join(ROOT, 'configs'))
            if f.endswith('.py') and f != '__init__.py']
   assert 'digits.py' in names and 'default.py' in names
-  vae = _sd_vae_folder(str(tmp_path / 'sd-vae'))
   sd = sd_folder.write_sd15_stub(str(tmp_path / 'sd15'))  # config files, empty weights
   latent = []
   for name in names:
@@ -140,10 +143,39 @@ def test_every_experiment_config_is_valid_on_one_device(tmp_path):
     if config.latent.autoencoder and not os.path.isdir(config.latent.autoencoder):
       with pytest.raises(config_lib.ConfigError, match='latent.autoencoder'):
         config_lib.validate(config)
-      config.latent.autoencoder = vae
+      # An autoencoder of the geometry the config names (test_latent_configs_fit_...: the one
+      # its autoencoder config trains).
+      lat = config.latent
+      config.latent.autoencoder = _vae_folder(str(tmp_path / f'vae_{name}'), lat.factor,
+                                              lat.channels, config.data.num_channels)
       latent.append(name)
     config_lib.validate(config)
-  assert 'dit_xl2.py' in latent and 'sd15.py' in latent
+  assert {'dit_xl2.py', 'sd15.py', 'digits_latent.py', 'shapes_latent_text.py',
+          'lsun_churches_ldm_kl8.py'} <= set(latent)
+
+
+@pytest.mark.parametrize('latent_config,autoencoder_config', [
+    ('digits_latent.py', 'digits_autoencoder.py'),
+    ('shapes_latent_text.py', 'shapes_autoencoder.py'),
+    ('lsun_churches_ldm_kl8.py', 'lsun_churches_autoencoder_kl8.py'),
+])
+def test_latent_configs_fit_the_autoencoder_their_docstring_trains(latent_config,
+                                                                   autoencoder_config):
+  """The latent config's default latent.autoencoder is the workdir its autoencoder config's
+  command writes, and it names that autoencoder's factor, channels and data."""
+  lat_cfg = config_lib.load_config_file(os.path.join(ROOT, 'configs', latent_config))
+  ae_cfg = config_lib.load_config_file(os.path.join(ROOT, 'configs', autoencoder_config))
+  assert ae_cfg.model.name == 'autoencoder'
+  config_lib.validate(ae_cfg)
+  ae, lat = ae_cfg.autoencoder, lat_cfg.latent
+  assert lat.factor == 2 ** (len(ae.block_out_channels) - 1)
+  assert lat.channels == ae.latent_channels
+  for field in ('dataset', 'image_size', 'num_channels', 'crop'):
+    assert lat_cfg.data[field] == ae_cfg.data[field], field
+  with open(os.path.join(ROOT, 'configs', latent_config)) as f:
+    doc = f.read()
+  assert (f'--config configs/{autoencoder_config} --workdir {lat.autoencoder}\n' in doc), (
+      'the docstring trains the autoencoder into the workdir the config names')
 
 
 @pytest.mark.parametrize('key,value,field', [
@@ -220,14 +252,15 @@ def test_name_lists_are_the_registries():
   import train_lib  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   from data import preprocess  # pylint: disable=g-import-not-at-top
-  from diffusion import edm, grids, process, samplers, schedules  # pylint: disable=g-import-not-at-top
+  from diffusion import edm, grids, losses, process, samplers, schedules  # pylint: disable=g-import-not-at-top
   from models import layers, winograd  # pylint: disable=g-import-not-at-top
   imported = {'schedule': schedules._BETAS, 'prediction': process.PREDICTIONS,
               'sampler': samplers.SAMPLERS, 'grid': grids.GRIDS, 'optimizer': train_lib.OPTIMIZERS,
               'lr_schedule': train_lib.LR_SCHEDULES,
               'model': models._BUILDERS, 'dtype': layers.SUPPORTED_DTYPES,
               'conv_algorithm': winograd.CONV_ALGORITHMS, 'crop': preprocess.CROPS,
-              'formulation': edm.FORMULATIONS, 'edm_sampler': edm.SAMPLERS}
+              'formulation': edm.FORMULATIONS, 'edm_sampler': edm.SAMPLERS,
+              'loss_type': losses.LOSS_TYPES}
   assert set(imported) == set(config_lib.REGISTRIES)
   for kind, registry in imported.items():
     assert config_lib.choices(kind) == tuple(registry), kind

@@ -80,6 +80,30 @@ def test_denoising_loss_targets(prediction):
                              rtol=1e-5)
 
 
+def test_l1_loss_is_the_mean_absolute_error_of_the_same_draw():
+  """loss_type 'l1' (LDM's): per example, the mean |output - target| where 'l2' is its mean
+  square, for the same t and noise; an unknown type is named."""
+  s = schedules.get_schedule('linear', 100)
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(rng.uniform(-1, 1, (3, 4, 4, 1)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+  t = jnp.array([0, 40, 99], jnp.int32)
+  half = lambda x, tt: 0.5 * x  # wrong everywhere, by an error that differs per element
+  err = 0.5 * process.q_sample(s, x0, t, noise) - noise
+  l1 = losses.denoising_loss(s, half, x0, t, noise, loss_type='l1')
+  l2 = losses.denoising_loss(s, half, x0, t, noise)
+  np.testing.assert_allclose(np.asarray(l1), np.abs(np.asarray(err)).mean(axis=(1, 2, 3)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(l2), (np.asarray(err) ** 2).mean(axis=(1, 2, 3)),
+                             rtol=1e-6)
+  key = jax.random.key(0)
+  a = losses.diffusion_loss(s, half, x0, key, loss_type='l1')
+  b = losses.diffusion_loss(s, half, x0, key)
+  assert not np.allclose(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="loss_type.*'huber'"):
+    losses.denoising_loss(s, half, x0, t, noise, loss_type='huber')
+
+
 def test_diffusion_loss_draws_t_uniformly():
   big_t, batch = 10, 4000
   s = schedules.get_schedule('linear', big_t)
