@@ -1,10 +1,16 @@
-"""An autoencoder run's own modes (model.name = 'autoencoder'): reconstructions and their scores.
+"""An autoencoder run's own modes and training hooks (model.name = 'autoencoder'): reconstructions
+and their scores.
 
   --mode sample   samples/step_STEP_reconstructions.png (inputs | reconstructions) and .npz of the
                   first sampling.num_samples examples of config.data.split
   --mode eval     PSNR (dB, mean over examples) and rFID: the FID of the reconstructions of the
                   first eval.num_samples examples against the split's cached Inception
                   statistics (the same reference as a generator's FID, so the two compare)
+
+In training, every training.sample_every steps a grid of the first training.num_grid_samples
+examples (inputs | reconstructions, samples/train_step_STEP_reconstructions.png, and
+TensorBoard), and every training.eval_every steps PSNR and rFID / rKID of the first
+training.eval_num_samples examples (metrics.jsonl, TensorBoard).
 
 Reconstructions decode the posterior mean (LDM's `sample_posterior=False` at evaluation); the
 params are the EMA's when sampling.use_ema, as for a denoiser.
@@ -103,3 +109,61 @@ def run_eval_mode(config, workdir, stop=None):
       f.write(json.dumps(record) + '\n')
     print(json.dumps(record))
   return record
+
+
+# ----------------------------------------------------------------------------- training hooks
+
+
+class ReconstructionGridHook:
+  """Training hook: inputs | EMA reconstructions of the split's first training.num_grid_samples
+  examples every training.sample_every steps (and at the end)."""
+
+  name = 'reconstruction_grid'
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.every = config.training.sample_every
+    self._inputs = split_images(config, config.training.num_grid_samples)  # the same every time
+
+  def __call__(self, step, ema_params, stop=None):
+    recon = reconstruct(self.config, ema_params, self._inputs, stop=stop,
+                        what=f'reconstruction grid at step {step}')
+    grid = image_io.make_comparison([self._inputs, recon])
+    name = os.path.join('samples', f'train_step_{step:07d}_reconstructions.png')
+    if jax.process_index() == 0:
+      path = image_io.save_png(os.path.join(self.workdir, name), grid)
+      logging.info('wrote %s', path)
+    return {'reconstructions': (grid, name)}
+
+
+class ReconstructionFidHook:
+  """Training hook: PSNR (dB) and rFID / rKID of the EMA reconstructions of the split's first
+  training.eval_num_samples examples, every training.eval_every steps (and at the end)."""
+
+  name = 'rfid'
+
+  def __init__(self, config):
+    self.config = config
+    self.every = config.training.eval_every
+    _, self._inception = fid_lib.load_inception(config.eval.inception_weights)
+    self._ref = eval_lib.reference_stats(config, params=self._inception)
+    self._inputs = split_images(config, config.training.eval_num_samples)
+
+  def __call__(self, step, ema_params, stop=None):
+    recon = reconstruct(self.config, ema_params, self._inputs, stop=stop,
+                        what=f'reconstructions for rFID at step {step}')
+    result = eval_lib.fid_kid(recon, self._ref, self._inception,
+                              batch_size=self.config.eval.batch_size, stop=stop)
+    n = len(recon)  # labelled with N: FID from few samples is biased upward
+    return {'psnr_eval': psnr_db(self._inputs, recon), f'rfid_n{n}': result['fid'],
+            f'rkid_n{n}': result.get('kid', float('nan'))}
+
+
+def training_hooks(config, workdir):
+  """The periodic work of an autoencoder run, for train_lib.train(..., hooks=...)."""
+  hooks = []
+  if config.training.sample_every > 0:
+    hooks.append(ReconstructionGridHook(config, workdir))
+  if config.training.eval_every > 0:
+    hooks.append(ReconstructionFidHook(config))
+  return hooks

@@ -241,12 +241,8 @@ def training_hooks(config, workdir, latent=None):
   latent_space.for_run, which fits and saves latent.scale_by_std's scale on a fresh run)."""
   hooks = []
   if config.model.name == 'autoencoder':
-    # Reconstruction grids and in-loop rFID of an autoencoder run are not written yet: a
-    # denoiser's grid or FID would call the autoencoder as a sampler.
-    if config.training.sample_every > 0 or config.training.eval_every > 0:
-      logging.warning('training.sample_every / eval_every: an autoencoder run writes no sample '
-                      'grids or in-loop FID yet; its metrics.jsonl has rec_loss, kl_loss, psnr')
-    return hooks
+    # A denoiser's grid or FID would call the autoencoder as a sampler.
+    raise ValueError('an autoencoder run has its own hooks: autoencoder_lib.training_hooks')
   if latent is None and (config.training.sample_every > 0 or config.training.eval_every > 0):
     latent = latent_space.for_run(config, workdir)
   if config.training.sample_every > 0:

@@ -186,8 +186,12 @@ def main(argv):
       # Read once, shared by the trainer and its hooks; latent.scale_by_std's scale is the
       # workdir's, or fitted to the first batch now (a fresh run) so that the hooks have it too.
       latent = latent_space.for_run(config, FLAGS.workdir)
-      train_lib.train(config, FLAGS.workdir, latent=latent,
-                      hooks=eval_lib.training_hooks(config, FLAGS.workdir, latent),
+      if config.model.name == 'autoencoder':
+        import autoencoder_lib  # pylint: disable=g-import-not-at-top
+        hooks = autoencoder_lib.training_hooks(config, FLAGS.workdir)
+      else:
+        hooks = eval_lib.training_hooks(config, FLAGS.workdir, latent)
+      train_lib.train(config, FLAGS.workdir, latent=latent, hooks=hooks,
                       allow_config_change=FLAGS.allow_config_change)
     elif FLAGS.mode == 'sample':
       import sample_lib  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,10 @@
 """An autoencoder trained by the trainer (model.name = 'autoencoder') and used by a latent config."""
 
+import json
+
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 import config_lib
@@ -76,3 +79,33 @@ def test_sample_mode_writes_reconstructions_of_the_split(tmp_path):
   assert (tmp_path / 'samples' / 'step_0000001_reconstructions.png').exists()
   # PSNR of identical images is infinite; of these, finite.
   assert np.isfinite(autoencoder_lib.psnr_db(inputs, recon))
+
+
+def test_training_hooks_write_reconstruction_grids_and_rfid(tmp_path):
+  """sample_every / eval_every of an autoencoder run: inputs | reconstructions grids and PSNR,
+  rFID, rKID in metrics.jsonl (here against the statistics of the same 4 real images)."""
+  import autoencoder_lib  # pylint: disable=g-import-not-at-top
+  import eval_lib  # pylint: disable=g-import-not-at-top
+  from evaluation import fid  # pylint: disable=g-import-not-at-top
+  config = _ae_config(**{'training.num_steps': 2, 'training.sample_every': 2,
+                         'training.num_grid_samples': 4, 'training.eval_every': 2,
+                         'training.eval_num_samples': 4, 'eval.batch_size': 8})
+  real = autoencoder_lib.split_images(config, 4)
+  stats = str(tmp_path / 'stats.npz')
+  fid.reference_statistics(lambda: [real], stats, batch_size=8)
+  config.eval.reference_stats = stats
+  config_lib.validate(config)
+  workdir = str(tmp_path / 'ae')
+  with pytest.raises(ValueError, match='autoencoder_lib.training_hooks'):
+    eval_lib.training_hooks(config, workdir)  # a denoiser's grid would sample the autoencoder
+  hooks = autoencoder_lib.training_hooks(config, workdir)
+  assert [h.name for h in hooks] == ['reconstruction_grid', 'rfid']
+  train_lib.train(config, workdir, hooks=hooks)
+  grid = np.asarray(Image.open(tmp_path / 'ae' / 'samples' /
+                               'train_step_0000002_reconstructions.png'))
+  assert grid.ndim >= 2 and grid.shape[1] > 2 * 64  # two columns of tiles of at least 64 px
+  with open(tmp_path / 'ae' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f if 'rfid_n4' in line]
+  assert len(rows) == 1 and rows[0]['step'] == 2
+  assert np.isfinite(rows[0]['rfid_n4']) and rows[0]['rfid_n4'] > 0
+  assert np.isfinite(rows[0]['psnr_eval']) and rows[0]['psnr_eval'] > 0
