@@ -20,6 +20,19 @@ took 246 s and scored PSNR 33.87 dB, rFID 11.71; with it the discriminator stays
 from configs import digits
 
 
+def ldm_optim(config, batch_size):
+  """LDM's autoencoder optimizer: Adam (0.5, 0.9), constant lr with no warm-up or clipping, and
+  base_learning_rate 4.5e-6 scaled by the global batch, as LDM's main.py scales it."""
+  o = config.optim
+  o.b1, o.b2 = 0.5, 0.9
+  o.warmup_steps = 0
+  o.lr_schedule = 'constant'
+  o.grad_clip = 0.0
+  config.training.batch_size = batch_size
+  o.lr = 4.5e-6 * batch_size
+  return config
+
+
 def get_config():
   config = digits.get_config()
   config.model.name = 'autoencoder'
@@ -33,13 +46,7 @@ def get_config():
   al.disc_start = 500
   al.disc_num_layers = 2
   al.disc_channels = 32
-  config.optim.b1, config.optim.b2 = 0.5, 0.9
-  config.optim.warmup_steps = 0
-  config.optim.lr_schedule = 'constant'
-  config.optim.grad_clip = 0.0
-  config.training.batch_size = 64
-  # LDM scales 4.5e-6 by the batch size (its Adam: b1 0.5, b2 0.9)
-  config.optim.lr = 4.5e-6 * config.training.batch_size
+  ldm_optim(config, batch_size=64)
   config.training.num_steps = 800
   config.training.sample_every = 0
   config.training.eval_every = 0

@@ -23,6 +23,7 @@ its folder in configs/lsun_churches_ldm_kl8.py's latent.autoencoder. Not run her
 """
 
 from configs import default
+from configs import digits_autoencoder
 
 
 def churches_data(config):
@@ -46,12 +47,7 @@ def get_config():
   al.kl_weight = 1e-6
   al.disc_start = 50001
   al.disc_weight = 0.5
-  config.optim.b1, config.optim.b2 = 0.5, 0.9
-  config.optim.warmup_steps = 0
-  config.optim.lr_schedule = 'constant'
-  config.optim.grad_clip = 0.0
-  config.training.batch_size = 192
-  config.optim.lr = 4.5e-6 * config.training.batch_size
+  digits_autoencoder.ldm_optim(config, batch_size=192)
   config.training.num_steps = 250_000
   config.training.ema_rate = 0.9999
   config.training.sample_every = 5000
